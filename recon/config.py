@@ -1,0 +1,106 @@
+"""Typed schemas of every config group: YAML fills them, so a misspelt key fails when the config is composed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class BuiltinSceneConfig:
+    n_train: int = 100       # training views on a Fibonacci sphere around the object
+    n_val: int = 4
+    n_test: int = 16
+
+
+@dataclass
+class DataConfig:
+    _target_: str = "recon.data.datamodule.NeRFDataModule"
+    path: Optional[str] = None            # NeRF-synthetic directory; null = the built-in scene
+    resolution: Any = 800                 # int or [H, W]; frames are resampled to it
+    batch_size: int = 8                   # views per training step
+    background_color: Optional[List[float]] = None  # sRGB backdrop of RGB-only images (mask from colour)
+    mask_tolerance: float = 0.02
+    num_workers: int = 0
+    builtin: BuiltinSceneConfig = field(default_factory=BuiltinSceneConfig)
+
+
+@dataclass
+class GeometryConfig:
+    tet_grid: int = 128                   # cells per cube side; the tet grid is generated in code
+    scale: float = 2.1                    # grid cube edge length, scene units
+    center: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    deform_scale: float = 0.5             # max vertex offset, in cell edges
+    sdf_init: str = "sphere"              # 'sphere' or 'random'
+    init_radius: float = 0.6              # initial sphere radius, fraction of the half edge
+
+
+@dataclass
+class HashGridConfig:
+    n_levels: int = 16
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    max_resolution: int = 4096
+
+
+@dataclass
+class MaterialConfig:
+    n_neurons: int = 32
+    n_hidden_layers: int = 2
+    encoding: HashGridConfig = field(default_factory=HashGridConfig)
+    backend: str = "auto"                 # hash-grid backend: auto | torch | tcnn
+
+
+@dataclass
+class RenderConfig:
+    backend: str = "auto"                 # auto | torch | nvdiffrast
+
+
+@dataclass
+class LossConfig:
+    background: str = "random"            # training background: random | white | black
+    alpha_weight: float = 1.0
+    sdf_weight: float = 0.2               # SDF sign-change regulariser, decays linearly ...
+    sdf_weight_final: float = 0.01        # ... to this value ...
+    sdf_decay_fraction: float = 0.25      # ... over this fraction of the steps
+
+
+@dataclass
+class OptimConfig:
+    lr_geometry: float = 0.03
+    lr_material: float = 0.01
+    warmup_steps: int = 0
+    lr_final_factor: float = 0.1          # lr multiplier reached at max_steps (exponential decay)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = "recon.system.ReconSystem"
+    _convert_: str = "all"
+    max_steps: int = 5000
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    material: MaterialConfig = field(default_factory=MaterialConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "recon"
+    seed: int = 0
+    ckpt_path: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+    callbacks: Dict[str, Any] = field(default_factory=dict)
+    logger: Dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (``train.yaml`` extends ``train_schema``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,89 @@
+"""LightningDataModule over NeRF-synthetic frames (any directory in that layout, or the built-in scene)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from recon.data.frames import DataError, FrameDataset, Frames
+from recon.data.nerf_synthetic import load_nerf_synthetic
+
+
+def _as_hw(resolution) -> tuple[int, int] | None:
+    if resolution is None:
+        return None
+    if isinstance(resolution, int):
+        return resolution, resolution
+    hw = tuple(int(r) for r in resolution)
+    if len(hw) != 2 or min(hw) <= 0:
+        raise DataError(f"data.resolution={resolution!r} must be an int or [height, width] of positive ints.")
+    return hw
+
+
+class NeRFDataModule(L.LightningDataModule):
+    """Train/val/test frames for reconstruction.
+
+    path: a NeRF-synthetic directory; None uses the built-in scene (generated on first use at ``resolution``).
+    resolution: int or [H, W]; frames are resampled to it (None keeps the files' size).
+    batch_size: views per training step. background_color: sRGB backdrop of RGB-only images (mask from colour).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        resolution: int | list[int] | None = 256,
+        batch_size: int = 4,
+        background_color: list[float] | None = None,
+        mask_tolerance: float = 0.02,
+        num_workers: int = 0,
+        builtin: dict | None = None,
+    ):
+        super().__init__()
+        self.path = path
+        self.resolution = _as_hw(resolution)
+        self.batch_size = int(batch_size)
+        if self.batch_size <= 0:
+            raise DataError(f"data.batch_size={batch_size} must be a positive number of views per step.")
+        self.background_color = tuple(background_color) if background_color is not None else None
+        self.mask_tolerance = mask_tolerance
+        self.num_workers = num_workers
+        self.builtin = dict(builtin or {})
+        self.frames: dict[str, Frames] = {}
+
+    def scene_dir(self) -> Path:
+        """The data directory, generating the built-in scene when no path is set."""
+        if self.path:
+            return Path(self.path).expanduser()
+        from recon.data.synthetic_scene import builtin_scene
+
+        res = self.resolution[0] if self.resolution else 256
+        if self.resolution and self.resolution[0] != self.resolution[1]:
+            raise DataError(f"the built-in scene is square; data.resolution={list(self.resolution)} must have H == W.")
+        return builtin_scene(resolution=res, **self.builtin)
+
+    def load_split(self, split: str) -> Frames:
+        if split not in self.frames:
+            frames = load_nerf_synthetic(self.scene_dir(), split, self.background_color, self.mask_tolerance)
+            if self.resolution is not None:
+                frames = frames.resized(self.resolution)
+            self.frames[split] = frames
+        return self.frames[split]
+
+    def prepare_data(self) -> None:
+        self.scene_dir()  # generate the built-in scene once, before the processes fork
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.load_split("train")
+            self.load_split("val")
+        if stage in (None, "test", "validate"):
+            self.load_split("val")
+
+    def train_dataloader(self) -> DataLoader:
+        ds = FrameDataset(self.load_split("train"))
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=len(ds) >= self.batch_size,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(FrameDataset(self.load_split("val")), batch_size=1, num_workers=0)

@@ -1,0 +1,128 @@
+"""Reader for the NeRF-synthetic layout: ``transforms_{split}.json`` + RGBA PNGs.
+
+Each JSON holds ``camera_angle_x`` (horizontal field of view, radians) and ``frames``, each with a
+``file_path`` (relative to the directory, extension optional) and a 4x4 camera-to-world
+``transform_matrix`` in the NeRF/Blender convention. Images are sRGB; they are converted to linear RGB and
+their alpha channel becomes the object mask. Images without alpha need ``background_color``: pixels
+within ``mask_tolerance`` of that colour are background.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+
+from recon.color import srgb_to_linear
+from recon.data.frames import DataError, Frames
+
+IMAGE_SUFFIXES = (".png", ".PNG", ".jpg", ".jpeg", ".JPG", ".exr")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        siblings = sorted(p.name for p in path.parent.glob("transforms*.json")) if path.parent.is_dir() else []
+        found = f" It holds: {', '.join(siblings)}." if siblings else ""
+        raise DataError(
+            f"{path} not found.{found} A NeRF-synthetic scene directory holds transforms_train.json, "
+            "transforms_val.json and transforms_test.json next to the image folders. Point data.path at such a "
+            "directory, or leave data.path unset to use the built-in scene."
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix or regenerate it.") from e
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} must hold a JSON object with 'camera_angle_x' and 'frames'.")
+    return meta
+
+
+def _resolve_image(root: Path, file_path: str, json_path: Path, index: int) -> Path:
+    base = (root / file_path).resolve() if not Path(file_path).is_absolute() else Path(file_path)
+    candidates = [base] + [base.with_name(base.name + s) for s in IMAGE_SUFFIXES]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DataError(
+        f"frame {index} of {json_path} points at '{file_path}', but no image exists at {base} "
+        f"(also tried the extensions {', '.join(IMAGE_SUFFIXES[:4])}). Restore the image or remove the frame."
+    )
+
+
+def read_image_rgba(path: Path, background_color: tuple[float, float, float] | None, mask_tolerance: float) -> np.ndarray:
+    """Read an image as float32 [H,W,4] sRGB + alpha in [0,1]."""
+    try:
+        img = iio.imread(path)
+    except Exception as e:  # imageio raises many types for corrupt data
+        raise DataError(f"cannot read image {path}: {e}. Replace the file with a valid PNG/JPEG.") from e
+    if img.ndim == 2:
+        img = img[..., None].repeat(3, -1)
+    if img.ndim != 3 or img.shape[-1] not in (3, 4):
+        raise DataError(f"image {path} has shape {img.shape}; expected H x W x 3 (RGB) or H x W x 4 (RGBA).")
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
+    img = img.astype(np.float32) / scale
+    if img.shape[-1] == 4:
+        return img
+    if background_color is None:
+        raise DataError(
+            f"image {path} has no alpha channel, and recon needs an object mask. Either provide RGBA images, or "
+            "set data.background_color=[r,g,b] (the backdrop colour in the photos, sRGB in 0..1, e.g. [1,1,1] for "
+            "white) so the mask is derived from it."
+        )
+    bg = np.asarray(background_color, dtype=np.float32)
+    alpha = (np.abs(img - bg).max(-1, keepdims=True) > mask_tolerance).astype(np.float32)
+    return np.concatenate([img, alpha], -1)
+
+
+def load_nerf_synthetic(
+    root: str | Path,
+    split: str,
+    background_color: tuple[float, float, float] | None = None,
+    mask_tolerance: float = 0.02,
+) -> Frames:
+    """Load one split ('train', 'val' or 'test') of a NeRF-synthetic directory as linear-RGB Frames."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.path={str(root)!r} is not a directory. Point it at a NeRF-synthetic scene folder.")
+    json_path = root / f"transforms_{split}.json"
+    meta = _read_json(json_path)
+    frames = meta.get("frames")
+    if not isinstance(frames, list) or not frames:
+        raise DataError(f"{json_path} has no 'frames' list (or it is empty): the {split} split needs at least one frame.")
+    images, poses, paths = [], [], []
+    for i, fr in enumerate(frames):
+        if not isinstance(fr, dict) or "file_path" not in fr:
+            raise DataError(f"frame {i} of {json_path} has no 'file_path'.")
+        m = np.asarray(fr.get("transform_matrix", []), dtype=np.float64)
+        if m.shape != (4, 4):
+            raise DataError(f"frame {i} ('{fr['file_path']}') of {json_path} has no 4x4 'transform_matrix'.")
+        if not np.isfinite(m).all():
+            raise DataError(f"frame {i} ('{fr['file_path']}') of {json_path} has NaN or Inf in its transform_matrix.")
+        path = _resolve_image(root, fr["file_path"], json_path, i)
+        img = read_image_rgba(path, background_color, mask_tolerance)
+        if images and img.shape[:2] != images[0].shape[:2]:
+            raise DataError(
+                f"images in the {split} split differ in size: {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]} "
+                f"but {path} is {img.shape[1]}x{img.shape[0]}. All frames of a split must have one size; resize them "
+                "(data.resolution then resamples every frame)."
+            )
+        images.append(img)
+        poses.append(m)
+        paths.append(str(path))
+    h, w = images[0].shape[:2]
+    if "camera_angle_x" in meta:
+        fx = 0.5 * w / math.tan(0.5 * float(meta["camera_angle_x"]))
+        fy = 0.5 * h / math.tan(0.5 * float(meta["camera_angle_y"])) if "camera_angle_y" in meta else fx
+    elif "fl_x" in meta:
+        fx = float(meta["fl_x"])
+        fy = float(meta.get("fl_y", fx))
+    else:
+        raise DataError(f"{json_path} has neither 'camera_angle_x' nor 'fl_x': the camera's field of view is unknown.")
+    cx, cy = float(meta.get("cx", w / 2)), float(meta.get("cy", h / 2))
+    rgba = torch.from_numpy(np.stack(images))
+    rgba = torch.cat([srgb_to_linear(rgba[..., :3]), rgba[..., 3:]], -1)
+    intrinsics = torch.tensor([[fx, fy, cx, cy]], dtype=torch.float32).repeat(len(images), 1)
+    return Frames(rgba.contiguous(), torch.from_numpy(np.stack(poses)).float(), intrinsics, paths)

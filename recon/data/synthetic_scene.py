@@ -1,0 +1,236 @@
+"""The built-in scene: a procedural object rendered by recon itself into the NeRF-synthetic layout.
+
+The object ("toy mug") is a real test of reconstruction rather than a sphere or a cube:
+  - a cylindrical body with a bowl carved into its top (a concavity seen only from above),
+  - a torus handle fused to the side (genus 1: a through-hole),
+  - a thin fin on the opposite side (0.08 scene units thick, ~5 % of the object's size),
+  - a colour texture with a checker pattern, stripes and a height gradient (3D procedural, no UVs).
+
+Its geometry is an analytic signed distance function meshed by marching cubes (scikit-image); views are
+rendered with recon's rasterizer (any backend) at 2x supersampling, with baked Lambertian shading from a
+fixed light, so the appearance is view independent (an albedo field can reproduce it exactly).
+Everything is generated on first use into a cache directory (``$RECON_CACHE`` or ``~/.cache/recon``);
+nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from recon.color import linear_to_srgb
+from recon.render.camera import look_at, perspective, transform_pos
+
+SCENE_VERSION = 1
+CAMERA_ANGLE_X = 0.6911112070083618  # the NeRF-synthetic scenes' horizontal field of view
+CAMERA_RADIUS = 4.0
+LIGHT_DIR = (0.36, 0.80, 0.48)  # direction towards the baked light, world space
+
+
+# ----------------------------------------------------------------------------------------- geometry
+def _sd_torus_z(p: Tensor, center: tuple[float, float, float], major: float, minor: float) -> Tensor:
+    """Signed distance to a torus whose axis is the z axis. p: [N,3]."""
+    q = p - p.new_tensor(center)
+    ring = torch.sqrt(q[:, 0] ** 2 + q[:, 1] ** 2) - major
+    return torch.sqrt(ring**2 + q[:, 2] ** 2) - minor
+
+
+def _sd_box(p: Tensor, center: tuple[float, float, float], half: tuple[float, float, float]) -> Tensor:
+    q = (p - p.new_tensor(center)).abs() - p.new_tensor(half)
+    return q.clamp_min(0).norm(dim=-1) + q.max(dim=-1).values.clamp_max(0)
+
+
+def _sd_capped_cylinder_y(p: Tensor, radius: float, y0: float, y1: float, rounding: float) -> Tensor:
+    """Rounded cylinder around the y axis from y0 to y1."""
+    r = torch.sqrt(p[:, 0] ** 2 + p[:, 2] ** 2) - (radius - rounding)
+    h = (p[:, 1] - 0.5 * (y0 + y1)).abs() - (0.5 * (y1 - y0) - rounding)
+    d = torch.stack([r, h], -1)
+    return d.clamp_min(0).norm(dim=-1) + d.max(dim=-1).values.clamp_max(0) - rounding
+
+
+def _smooth_union(a: Tensor, b: Tensor, k: float) -> Tensor:
+    h = (0.5 + 0.5 * (b - a) / k).clamp(0, 1)
+    return b * (1 - h) + a * h - k * h * (1 - h)
+
+
+def scene_sdf(p: Tensor) -> Tensor:
+    """Signed distance of the built-in object (negative inside). p: [N,3] world space -> [N]."""
+    body = _sd_capped_cylinder_y(p, radius=0.45, y0=-0.6, y1=0.35, rounding=0.06)
+    bowl = torch.linalg.norm(p - p.new_tensor([0.0, 0.52, 0.0]), dim=-1) - 0.36
+    body = torch.maximum(body, -bowl)  # carve the concavity
+    handle = _sd_torus_z(p, center=(0.56, -0.12, 0.0), major=0.27, minor=0.075)
+    fin = _sd_box(p, center=(-0.66, -0.2, 0.0), half=(0.24, 0.28, 0.04))
+    return _smooth_union(_smooth_union(body, handle, 0.04), fin, 0.03)
+
+
+def scene_albedo(p: Tensor) -> Tensor:
+    """Linear RGB albedo of the built-in object at world points p [N,3] -> [N,3] in [0,1]."""
+    red = p.new_tensor([0.80, 0.22, 0.12])
+    blue = p.new_tensor([0.12, 0.38, 0.80])
+    cream = p.new_tensor([0.92, 0.85, 0.55])
+    green = p.new_tensor([0.15, 0.60, 0.25])
+    t = ((p[:, 1:2] + 0.6) / 1.0).clamp(0, 1)  # height gradient
+    base = red * (1 - t) + blue * t
+    cells = torch.floor(p * 5.0).sum(-1, keepdim=True)
+    checker = torch.remainder(cells, 2.0)
+    col = base * (1 - 0.55 * checker) + cream * 0.55 * checker
+    # stripes around the handle (angle about its own axis) and a darker fin
+    q = p - p.new_tensor([0.56, -0.12, 0.0])
+    stripe = (torch.sin(8.0 * torch.atan2(q[:, 1:2], q[:, 0:1])) > 0).float()
+    on_handle = (p[:, 0:1] > 0.42).float()
+    col = col * (1 - on_handle) + on_handle * (green * stripe + cream * (1 - stripe))
+    on_fin = (p[:, 0:1] < -0.44).float()
+    col = col * (1 - on_fin) + on_fin * (0.5 * col + 0.5 * green)
+    return col.clamp(0, 1)
+
+
+def scene_mesh(resolution: int = 192) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth mesh of the built-in object by marching cubes of its SDF.
+
+    Returns verts [Nv,3] float32 (world units) and faces [Nf,3] int64, oriented outward, watertight.
+    """
+    from skimage.measure import marching_cubes
+
+    lo, hi = -1.0, 1.0
+    xs = torch.linspace(lo, hi, resolution, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(xs, xs, xs, indexing="ij"), -1).reshape(-1, 3)
+    sdf = scene_sdf(grid).reshape(resolution, resolution, resolution).numpy()
+    step = (hi - lo) / (resolution - 1)
+    verts, faces, _, _ = marching_cubes(sdf, level=0.0, spacing=(step, step, step))
+    verts = verts + lo
+    faces = faces[:, [0, 2, 1]]  # skimage winds faces inward for an SDF that is negative inside
+    return verts.astype(np.float32), faces.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------- cameras
+def fibonacci_directions(n: int, offset: float = 0.5) -> np.ndarray:
+    """n roughly uniform unit directions on the sphere, [n,3]."""
+    i = np.arange(n, dtype=np.float64) + offset
+    y = 1.0 - 2.0 * i / n
+    r = np.sqrt(np.clip(1.0 - y * y, 0.0, 1.0))
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    return np.stack([r * np.cos(phi), y, r * np.sin(phi)], -1)
+
+
+def orbit_c2w(n: int, radius: float, seed: int | None, offset: float = 0.5) -> np.ndarray:
+    """Camera-to-world matrices [n,4,4] (NeRF convention) looking at the origin from a sphere."""
+    dirs = fibonacci_directions(n, offset)
+    if seed is not None:  # a random rotation about y so splits don't share viewpoints
+        a = np.random.default_rng(seed).uniform(0, 2 * math.pi)
+        rot = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+        dirs = dirs @ rot.T
+    out = []
+    for d in dirs:
+        up = (0.0, 0.0, -1.0) if abs(d[1]) > 0.999 else (0.0, 1.0, 0.0)
+        out.append(look_at(torch.tensor(d * radius), torch.zeros(3, dtype=torch.float64), torch.tensor(up)).numpy())
+    return np.stack(out).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------- rendering
+@torch.no_grad()
+def render_views(
+    verts: Tensor, faces: Tensor, c2w: Tensor, resolution: int, rasterizer, supersample: int = 2, batch: int = 4
+) -> Tensor:
+    """Render the object (baked Lambertian shading of the procedural albedo) from cameras c2w [N,4,4].
+
+    Returns [N,H,W,4] float32: linear RGB with straight (not premultiplied) colour and alpha coverage.
+    """
+    device = verts.device
+    res = resolution * supersample
+    proj = perspective(CAMERA_ANGLE_X, 1.0, 0.1, 1000.0).to(device)
+    light = F.normalize(torch.tensor(LIGHT_DIR, device=device), dim=0)
+    from recon.geometry.mesh import vertex_normals
+
+    normals = vertex_normals(verts, faces)
+    images = []
+    for i in range(0, c2w.shape[0], batch):
+        cams = c2w[i : i + batch].to(device)
+        mvp = proj @ torch.linalg.inv(cams)
+        pos_clip = transform_pos(mvp, verts)
+        rast, _ = rasterizer.rasterize(pos_clip, faces, (res, res))
+        gb_pos, _ = rasterizer.interpolate(verts, rast, faces)
+        gb_n, _ = rasterizer.interpolate(normals, rast, faces)
+        mask = rast[..., 3] > 0
+        kd = scene_albedo(gb_pos[mask])
+        n = F.normalize(gb_n[mask], dim=-1)
+        shade = 0.35 + 0.65 * (n @ light).clamp_min(0)[:, None]
+        rgb = torch.zeros(*mask.shape, 3, device=device)
+        rgb[mask] = kd * shade
+        rgba = torch.cat([rgb, mask[..., None].float()], -1)
+        rgba = rasterizer.antialias(rgba.contiguous(), rast, pos_clip, faces)
+        if supersample > 1:  # box-filter the premultiplied image
+            rgba = F.avg_pool2d(rgba.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
+        alpha = rgba[..., 3:].clamp(0, 1)
+        rgb = torch.where(alpha > 1e-6, rgba[..., :3] / alpha.clamp_min(1e-6), torch.zeros_like(rgba[..., :3]))
+        images.append(torch.cat([rgb.clamp(0, 1), alpha], -1).cpu())
+    return torch.cat(images)
+
+
+def _write_split(root: Path, split: str, images: Tensor, c2w: np.ndarray) -> None:
+    (root / split).mkdir(parents=True, exist_ok=True)
+    frames = []
+    for i, (img, m) in enumerate(zip(images, c2w)):
+        srgb = torch.cat([linear_to_srgb(img[..., :3]), img[..., 3:]], -1)
+        iio.imwrite(root / split / f"r_{i}.png", (srgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy())
+        frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": m.tolist()})
+    meta = {"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}
+    (root / f"transforms_{split}.json").write_text(json.dumps(meta, indent=2))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RECON_CACHE", Path.home() / ".cache" / "recon"))
+
+
+def builtin_scene(
+    resolution: int = 256,
+    n_train: int = 100,
+    n_val: int = 4,
+    n_test: int = 16,
+    cache_dir: str | Path | None = None,
+    backend: str = "auto",
+) -> Path:
+    """Path of the built-in scene in the NeRF-synthetic layout, generating it on first use.
+
+    The directory holds train/val/test RGBA PNGs, ``transforms_{split}.json`` (``camera_angle_x``,
+    camera-to-world ``transform_matrix``) and ``gt_mesh.ply``. Generation writes into a temporary
+    directory that is renamed into place when complete, so an interrupted generation is never reused.
+    """
+    from recon.render import make_rasterizer
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name = f"builtin-v{SCENE_VERSION}-{resolution}px-{n_train}-{n_val}-{n_test}"
+    root = cache / "scenes" / name
+    if (root / "transforms_test.json").exists():
+        return root
+    cache.joinpath("scenes").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache / "scenes"))
+    try:
+        verts_np, faces_np = scene_mesh()
+        import trimesh
+
+        trimesh.Trimesh(verts_np, faces_np, process=False).export(tmp / "gt_mesh.ply")
+        device = "cuda" if backend != "torch" and torch.cuda.is_available() else "cpu"
+        rasterizer = make_rasterizer(backend, device)
+        verts = torch.from_numpy(verts_np).to(device)
+        faces = torch.from_numpy(faces_np).to(device)
+        for split, n, seed, offset in (("train", n_train, None, 0.5), ("val", n_val, 1, 0.25), ("test", n_test, 2, 0.75)):
+            c2w = orbit_c2w(n, CAMERA_RADIUS, seed, offset)
+            images = render_views(verts, faces, torch.from_numpy(c2w), resolution, rasterizer)
+            _write_split(tmp, split, images, c2w)
+        try:
+            tmp.rename(root)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root

@@ -1,0 +1,27 @@
+"""``python -m recon.eval RUN_DIR [--data PATH] [--gt-mesh PATH]``: metrics of an exported reconstruction."""
+import argparse
+import sys
+
+from recon.eval.evaluate import evaluate_run, format_table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m recon.eval", description=__doc__)
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="NeRF-synthetic directory (default: the one the run trained on)")
+    p.add_argument("--gt-mesh", default=None, help="ground-truth mesh for geometry metrics (default: DATA/gt_mesh.ply)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "nvdiffrast"])
+    p.add_argument("--samples", type=int, default=100_000, help="surface samples per mesh for chamfer/F-score")
+    a = p.parse_args(argv)
+    try:
+        m = evaluate_run(a.run_dir, a.data, a.gt_mesh, a.split, a.backend, n_samples=a.samples)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(m))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

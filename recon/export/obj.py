@@ -1,0 +1,120 @@
+"""Wavefront OBJ/MTL export and import, written atomically."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from torch import Tensor
+
+from recon.color import linear_to_srgb, srgb_to_linear
+from recon.geometry.mesh import Mesh
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def png_bytes(image_uint8: np.ndarray) -> bytes:
+    return iio.imwrite("<bytes>", image_uint8, extension=".png")
+
+
+def texture_to_srgb8(texture_linear: Tensor) -> np.ndarray:
+    """[H,W,3] linear RGB -> uint8 sRGB."""
+    return (linear_to_srgb(texture_linear.clamp(0, 1)) * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def obj_text(mesh: Mesh, mtl_name: str | None = "mesh.mtl", material: str = "recon_material") -> str:
+    """OBJ text of a mesh; UVs are written with v flipped (OBJ's v points up, texture rows go down)."""
+    out = io.StringIO()
+    out.write("# recon mesh\n")
+    if mtl_name:
+        out.write(f"mtllib {mtl_name}\n")
+    v = mesh.verts.detach().cpu().numpy()
+    np.savetxt(out, v, fmt="v %.6f %.6f %.6f")
+    if mesh.normals is not None:
+        np.savetxt(out, mesh.normals.detach().cpu().numpy(), fmt="vn %.6f %.6f %.6f")
+    f = mesh.faces.detach().cpu().numpy() + 1
+    if mesh.uv is not None:
+        uv = mesh.uv.detach().cpu().numpy().copy()
+        uv[:, 1] = 1.0 - uv[:, 1]
+        np.savetxt(out, uv, fmt="vt %.6f %.6f")
+        ft = (mesh.uv_faces if mesh.uv_faces is not None else mesh.faces).detach().cpu().numpy() + 1
+        if mtl_name:
+            out.write(f"usemtl {material}\n")
+        if mesh.normals is not None:
+            rows = np.stack([f[:, 0], ft[:, 0], f[:, 0], f[:, 1], ft[:, 1], f[:, 1], f[:, 2], ft[:, 2], f[:, 2]], 1)
+            np.savetxt(out, rows, fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
+        else:
+            rows = np.stack([f[:, 0], ft[:, 0], f[:, 1], ft[:, 1], f[:, 2], ft[:, 2]], 1)
+            np.savetxt(out, rows, fmt="f %d/%d %d/%d %d/%d")
+    elif mesh.normals is not None:
+        rows = np.stack([f[:, 0], f[:, 0], f[:, 1], f[:, 1], f[:, 2], f[:, 2]], 1)
+        np.savetxt(out, rows, fmt="f %d//%d %d//%d %d//%d")
+    else:
+        np.savetxt(out, f, fmt="f %d %d %d")
+    return out.getvalue()
+
+
+def write_textured_obj(out_dir: str | Path, mesh: Mesh, kd_linear: Tensor, name: str = "mesh") -> Path:
+    """Write ``{name}.obj`` + ``{name}.mtl`` + ``texture_kd.png`` (sRGB) into ``out_dir``.
+
+    Each file is written atomically, and the OBJ last: an existing ``{name}.obj`` always refers to a
+    complete MTL and texture. Returns the OBJ path.
+    """
+    out_dir = Path(out_dir)
+    atomic_write_bytes(out_dir / "texture_kd.png", png_bytes(texture_to_srgb8(kd_linear)))
+    mtl = (
+        "# recon material\nnewmtl recon_material\nillum 1\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\n"
+        "map_Kd texture_kd.png\n"
+    )
+    atomic_write_bytes(out_dir / f"{name}.mtl", mtl.encode())
+    obj_path = out_dir / f"{name}.obj"
+    atomic_write_bytes(obj_path, obj_text(mesh, f"{name}.mtl").encode())
+    return obj_path
+
+
+def load_textured_obj(path: str | Path, device: str | torch.device = "cpu") -> tuple[Mesh, Tensor | None]:
+    """Load an OBJ with its ``map_Kd`` texture via trimesh.
+
+    Returns the mesh (uv in recon's convention, v down the texture rows) and the texture [1,H,W,3] linear RGB,
+    or None when the OBJ has no texture.
+    """
+    import trimesh
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run has no exported mesh (did the fit finish?).")
+    tm = trimesh.load(path, force="mesh", process=False)
+    if len(tm.faces) == 0:
+        raise ValueError(f"{path} has no faces: nothing to evaluate.")
+    verts = torch.as_tensor(np.asarray(tm.vertices), dtype=torch.float32, device=device)
+    faces = torch.as_tensor(np.asarray(tm.faces), dtype=torch.int64, device=device)
+    texture, uv = None, None
+    visual = tm.visual
+    if isinstance(visual, trimesh.visual.TextureVisuals) and visual.uv is not None:
+        uv_np = np.asarray(visual.uv, dtype=np.float32).copy()
+        uv_np[:, 1] = 1.0 - uv_np[:, 1]
+        uv = torch.as_tensor(uv_np, device=device)
+        image = getattr(visual.material, "baseColorTexture", None) or getattr(visual.material, "image", None)
+        if image is not None:
+            arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+            texture = srgb_to_linear(torch.as_tensor(arr, device=device))[None].contiguous()
+    mesh = Mesh(verts=verts, faces=faces, uv=uv, uv_faces=faces if uv is not None else None)
+    return mesh, texture

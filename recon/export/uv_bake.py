@@ -1,0 +1,88 @@
+"""UV unwrapping with xatlas and baking of 3D material fields into 2D textures."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from recon.geometry.mesh import Mesh
+
+
+def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024) -> Mesh:
+    """UV-unwrap ``mesh`` with xatlas: returns a copy with ``uv`` [Nuv,2] in [0,1] and ``uv_faces`` [Nf,3].
+
+    Positions and faces are kept (texture seams live in the separate UV index buffer, as in OBJ).
+    """
+    import xatlas
+
+    if mesh.faces.shape[0] == 0:
+        raise ValueError("cannot UV-unwrap a mesh with no faces.")
+    verts = mesh.verts.detach().cpu().numpy().astype(np.float32)
+    faces = mesh.faces.detach().cpu().numpy().astype(np.uint32)
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(verts, faces)
+    chart_options = xatlas.ChartOptions()
+    pack_options = xatlas.PackOptions()
+    pack_options.padding = padding
+    pack_options.resolution = resolution
+    pack_options.bilinear = True
+    atlas.generate(chart_options, pack_options)
+    _, indices, uvs = atlas[0]
+    device = mesh.verts.device
+    return Mesh(
+        verts=mesh.verts,
+        faces=mesh.faces,
+        normals=mesh.normals,
+        uv=torch.from_numpy(uvs.astype(np.float32)).to(device),
+        uv_faces=torch.from_numpy(indices.astype(np.int64)).to(device),
+    )
+
+
+def uv_gbuffer(rasterizer, mesh: Mesh, resolution: int) -> tuple[Tensor, Tensor]:
+    """World positions of every texel of ``mesh``'s UV atlas.
+
+    Rasterizes the mesh in texture space (uv -> clip xy); texel row i holds v = (i + 0.5) / resolution,
+    matching the texture() lookup convention. Returns gb_pos [R,R,3] and mask [R,R] bool.
+    """
+    if mesh.uv is None or mesh.uv_faces is None:
+        raise ValueError("uv_gbuffer needs a UV-unwrapped mesh (see unwrap()).")
+    uv = mesh.uv
+    pos_clip = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], -1)[None]
+    rast, _ = rasterizer.rasterize(pos_clip.contiguous(), mesh.uv_faces, (resolution, resolution))
+    # the world position of each UV vertex: uv_faces and faces index the same triangles
+    pos_per_uv = torch.zeros(uv.shape[0], 3, device=uv.device, dtype=mesh.verts.dtype)
+    pos_per_uv[mesh.uv_faces.reshape(-1)] = mesh.verts[mesh.faces.reshape(-1)]
+    gb_pos, _ = rasterizer.interpolate(pos_per_uv, rast, mesh.uv_faces)
+    return gb_pos[0], rast[0, ..., 3] > 0
+
+
+def dilate(texture: Tensor, mask: Tensor) -> Tensor:
+    """Fill uncovered texels with the nearest covered texel's value (no seams under bilinear/mip filtering).
+
+    texture [H,W,C], mask [H,W] bool. Uses scipy's exact Euclidean distance transform.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    m = mask.cpu().numpy()
+    if m.all() or not m.any():
+        return texture
+    _, (ii, jj) = distance_transform_edt(~m, return_indices=True)
+    idx = torch.from_numpy(ii * m.shape[1] + jj).to(texture.device).reshape(-1)
+    return texture.reshape(-1, texture.shape[-1])[idx].reshape(texture.shape)
+
+
+@torch.no_grad()
+def bake_texture(
+    rasterizer, mesh: Mesh, field: Callable[[Tensor], Tensor], resolution: int, chunk: int = 1 << 18
+) -> Tensor:
+    """Bake a 3D field ([N,3] world points -> [N,C]) into a dilated [R,R,C] texture of ``mesh``'s atlas."""
+    gb_pos, mask = uv_gbuffer(rasterizer, mesh, resolution)
+    pts = gb_pos[mask]
+    values = torch.cat([field(pts[i : i + chunk]) for i in range(0, max(pts.shape[0], 1), chunk)]) if pts.shape[0] else None
+    if values is None:
+        raise ValueError("the UV atlas covers no texel; the mesh is degenerate.")
+    tex = values.new_zeros(resolution, resolution, values.shape[-1])
+    tex[mask] = values
+    return dilate(tex, mask)
