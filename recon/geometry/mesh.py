@@ -1,0 +1,192 @@
+"""Triangle mesh container and its differentiable attributes: normals, tangents, Laplacian."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+import trimesh
+from torch import Tensor
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(dim=-1, keepdim=True)
+
+
+def safe_normalize(x: Tensor, eps: float = 1e-20) -> Tensor:
+    """x / |x| along the last dim; the clamp keeps zero vectors finite (value and gradient)."""
+    return x / torch.sqrt(torch.clamp(_dot(x, x), min=eps))
+
+
+def face_normals(verts: Tensor, faces: Tensor) -> Tensor:
+    """Unnormalized face normals `[Nf,3]`: (v1 - v0) x (v2 - v0), length twice the face area."""
+    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    return torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)
+
+
+def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
+    """Area-weighted unit vertex normals `[Nv,3]`, differentiable w.r.t. `verts`.
+
+    verts: [Nv,3]; faces: [Nf,3] int64, counter-clockwise seen from the side the normal points to.
+    Vertices whose accumulated normal vanishes (isolated, or only zero-area faces) get +z,
+    so the result is NaN-free in value and gradient.
+    """
+    fn = face_normals(verts, faces)  # |fn| = 2 area: summing it is the area weighting
+    acc = torch.zeros_like(verts)
+    for corner in range(3):
+        acc = acc.index_add(0, faces[:, corner], fn)
+    fallback = torch.tensor([0.0, 0.0, 1.0], dtype=verts.dtype, device=verts.device)
+    acc = torch.where(_dot(acc, acc) > 1e-20, acc, fallback)
+    return safe_normalize(acc)
+
+
+def compute_tangents(verts: Tensor, faces: Tensor, uv: Tensor, uv_faces: Tensor | None, normals: Tensor) -> Tensor:
+    """Per-vertex unit tangents `[Nv,3]` (direction of increasing u), orthogonal to `normals`.
+
+    As nvdiffrec's `compute_tangents`: each face's tangent solves the UV-to-position Jacobian,
+    vertices average those of their faces, then Gram-Schmidt against the vertex normal.
+    verts: [Nv,3]; faces: [Nf,3]; uv: [Nuv,2]; uv_faces: [Nf,3] indices into uv (None: `faces`);
+    normals: [Nv,3] unit vertex normals.
+    """
+    uv_faces = faces if uv_faces is None else uv_faces
+    p0, p1, p2 = (verts[faces[:, i]] for i in range(3))
+    t0, t1, t2 = (uv[uv_faces[:, i]] for i in range(3))
+    uve1, uve2 = t1 - t0, t2 - t0
+    pe1, pe2 = p1 - p0, p2 - p0
+    nom = pe1 * uve2[:, 1:2] - pe2 * uve1[:, 1:2]
+    denom = uve1[:, 0:1] * uve2[:, 1:2] - uve1[:, 1:2] * uve2[:, 0:1]
+    # Degenerate UV triangles (denom ~ 0) would blow up: keep the sign, bound the magnitude.
+    tang = nom / torch.where(denom > 0.0, torch.clamp(denom, min=1e-6), torch.clamp(denom, max=-1e-6))
+
+    tangents = torch.zeros_like(verts)
+    count = torch.zeros_like(verts[:, :1])
+    ones = torch.ones_like(tang[:, :1])
+    for corner in range(3):
+        tangents = tangents.index_add(0, faces[:, corner], tang)
+        count = count.index_add(0, faces[:, corner], ones)
+    tangents = safe_normalize(tangents / count.clamp(min=1.0))
+    return safe_normalize(tangents - _dot(tangents, normals) * normals)
+
+
+def laplacian_uniform(verts_count: int, faces: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform graph Laplacian `L = I - D^-1 A` as a sparse COO `[Nv,Nv]` tensor.
+
+    A is the vertex adjacency of the unique mesh edges, D the vertex degree; `(L @ verts)[i]` is
+    vertex i minus the mean of its neighbours. Rows of isolated vertices are zero.
+    """
+    device = faces.device
+    pairs = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=0)
+    lo, hi = pairs.min(dim=1).values, pairs.max(dim=1).values
+    key = torch.unique(lo * verts_count + hi)
+    lo, hi = key // verts_count, key % verts_count
+    rows, cols = torch.cat([lo, hi]), torch.cat([hi, lo])
+    degree = torch.zeros(verts_count, dtype=dtype, device=device).index_add(0, rows, torch.ones_like(rows, dtype=dtype))
+    off_diag = -1.0 / degree[rows]
+    diag_idx = torch.nonzero(degree > 0).squeeze(1)
+    indices = torch.cat([torch.stack([rows, cols]), torch.stack([diag_idx, diag_idx])], dim=1)
+    values = torch.cat([off_diag, torch.ones_like(diag_idx, dtype=dtype)])
+    return torch.sparse_coo_tensor(indices, values, (verts_count, verts_count), check_invariants=False).coalesce()
+
+
+def laplacian_loss(verts: Tensor, faces: Tensor, ref_verts: Tensor | None = None) -> Tensor:
+    """Mean squared uniform-Laplacian coordinates of `verts - ref_verts` (scalar).
+
+    With `ref_verts` (same topology) this is nvdiffrec's "relative" Laplacian regularizer: it
+    penalises changes of local shape rather than curvature itself; without, the absolute one.
+    """
+    delta = verts if ref_verts is None else verts - ref_verts
+    lap = laplacian_uniform(verts.shape[0], faces, dtype=verts.dtype)
+    return torch.sparse.mm(lap, delta).pow(2).mean()
+
+
+@dataclass
+class Mesh:
+    """Triangle mesh. Positions in scene units; faces counter-clockwise seen from outside.
+
+    verts: [Nv,3] float; faces: [Nf,3] int64; normals: [Nv,3] unit, indexed by `faces`;
+    uv: [Nuv,2] texture coordinates in [0,1] with their own index buffer `uv_faces [Nf,3]`
+    (as OBJ: a vertex on a UV seam has one position and several UVs);
+    tangents: [Nv,3] unit, indexed by `faces` (see `compute_tangents`).
+    """
+
+    verts: Tensor
+    faces: Tensor
+    normals: Tensor | None = None
+    uv: Tensor | None = None
+    uv_faces: Tensor | None = None
+    tangents: Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.verts.device
+
+    @property
+    def num_verts(self) -> int:
+        return self.verts.shape[0]
+
+    @property
+    def num_faces(self) -> int:
+        return self.faces.shape[0]
+
+    def with_normals(self) -> Mesh:
+        """Copy with area-weighted vertex normals (recomputed, differentiable)."""
+        return replace(self, normals=vertex_normals(self.verts, self.faces))
+
+    def with_tangents(self) -> Mesh:
+        """Copy with tangents from the UVs (computes normals first if missing)."""
+        if self.uv is None:
+            raise ValueError("Mesh.with_tangents needs texture coordinates: this mesh has uv=None.")
+        mesh = self if self.normals is not None else self.with_normals()
+        tangents = compute_tangents(mesh.verts, mesh.faces, mesh.uv, mesh.uv_faces, mesh.normals)
+        return replace(mesh, tangents=tangents)
+
+    def _map(self, fn) -> Mesh:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Mesh(**{name: None if value is None else fn(value) for name, value in values.items()})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Mesh:
+        """Copy on `device`; `dtype` applies to floating-point fields only (indices stay int64)."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+    def detach(self) -> Mesh:
+        return self._map(Tensor.detach)
+
+    def aabb(self) -> Tensor:
+        """Axis-aligned bounding box `[2,3]`: row 0 the minimum corner, row 1 the maximum."""
+        return torch.stack([self.verts.min(dim=0).values, self.verts.max(dim=0).values])
+
+    def to_trimesh(self) -> trimesh.Trimesh:
+        """CPU `trimesh.Trimesh` (process=False, so vertex order is kept).
+
+        With UVs, vertices on UV seams are split (trimesh stores one UV per vertex) and the UVs
+        become a `TextureVisuals`; normals, if present, become the vertex normals.
+        """
+        mesh = self.detach().to("cpu")
+        verts, faces, normals = mesh.verts.double().numpy(), mesh.faces.numpy(), mesh.normals
+        normals = None if normals is None else normals.double().numpy()
+        visual = None
+        if mesh.uv is not None:
+            uv = mesh.uv.double().numpy()
+            uv_faces = faces if mesh.uv_faces is None else mesh.uv_faces.numpy()
+            if not (uv.shape[0] == verts.shape[0] and np.array_equal(uv_faces, faces)):
+                corners = np.stack([faces.reshape(-1), uv_faces.reshape(-1)], axis=1)
+                pairs, inverse = np.unique(corners, axis=0, return_inverse=True)
+                verts, uv = verts[pairs[:, 0]], uv[pairs[:, 1]]
+                normals = None if normals is None else normals[pairs[:, 0]]
+                faces = inverse.reshape(-1, 3)
+            visual = trimesh.visual.TextureVisuals(uv=uv)
+        return trimesh.Trimesh(vertices=verts, faces=faces, vertex_normals=normals, visual=visual, process=False)
+
+    @classmethod
+    def from_trimesh(cls, tm: trimesh.Trimesh, dtype: torch.dtype = torch.float32) -> Mesh:
+        """Mesh from a `trimesh.Trimesh`: positions, faces, and per-vertex UVs if it has any.
+
+        Normals are left out (call `with_normals()`): trimesh recomputes them on demand anyway.
+        """
+        verts = torch.as_tensor(np.asarray(tm.vertices), dtype=dtype)
+        faces = torch.as_tensor(np.asarray(tm.faces), dtype=torch.int64).reshape(-1, 3)
+        uv = getattr(tm.visual, "uv", None)
+        if uv is None or len(uv) != len(verts):
+            return cls(verts=verts, faces=faces)
+        return cls(verts=verts, faces=faces, uv=torch.as_tensor(np.asarray(uv), dtype=dtype), uv_faces=faces.clone())
