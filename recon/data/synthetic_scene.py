@@ -32,7 +32,7 @@ from recon.render.camera import look_at, perspective, transform_pos
 
 SCENE_VERSION = 1
 CAMERA_ANGLE_X = 0.6911112070083618  # the NeRF-synthetic scenes' horizontal field of view
-CAMERA_RADIUS = 4.0
+CAMERA_RADIUS = 3.2
 LIGHT_DIR = (0.36, 0.80, 0.48)  # direction towards the baked light, world space
 
 
@@ -107,7 +107,6 @@ def scene_mesh(resolution: int = 192) -> tuple[np.ndarray, np.ndarray]:
     step = (hi - lo) / (resolution - 1)
     verts, faces, _, _ = marching_cubes(sdf, level=0.0, spacing=(step, step, step))
     verts = verts + lo
-    faces = faces[:, [0, 2, 1]]  # skimage winds faces inward for an SDF that is negative inside
     return verts.astype(np.float32), faces.astype(np.int64)
 
 
