@@ -23,6 +23,7 @@ class DataConfig:
     background_color: Optional[List[float]] = None  # sRGB backdrop of RGB-only images (mask from colour)
     mask_tolerance: float = 0.02
     num_workers: int = 0
+    resident: bool = True                 # keep frames on the training device (no per-step host copies)
     builtin: BuiltinSceneConfig = field(default_factory=BuiltinSceneConfig)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from recon.data.frames import DataError, FrameDataset, Frames
@@ -27,6 +28,8 @@ class NeRFDataModule(L.LightningDataModule):
     path: a NeRF-synthetic directory; None uses the built-in scene (generated on first use at ``resolution``).
     resolution: int or [H, W]; frames are resampled to it (None keeps the files' size).
     batch_size: views per training step. background_color: sRGB backdrop of RGB-only images (mask from colour).
+    resident: keep every frame on the training device and batch by index there (no per-step host copies);
+    off, batches are collated on the host and copied each step (for data sets larger than device memory).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class NeRFDataModule(L.LightningDataModule):
         mask_tolerance: float = 0.02,
         num_workers: int = 0,
         builtin: dict | None = None,
+        resident: bool = True,
     ):
         super().__init__()
         self.path = path
@@ -49,7 +53,9 @@ class NeRFDataModule(L.LightningDataModule):
         self.mask_tolerance = mask_tolerance
         self.num_workers = num_workers
         self.builtin = dict(builtin or {})
+        self.resident = resident
         self.frames: dict[str, Frames] = {}
+        self._on_device: dict[tuple[str, str], dict] = {}
 
     def scene_dir(self) -> Path:
         """The data directory, generating the built-in scene when no path is set."""
@@ -80,10 +86,41 @@ class NeRFDataModule(L.LightningDataModule):
         if stage in (None, "test", "validate"):
             self.load_split("val")
 
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        n = len(self.load_split(split))
+        drop_last = shuffle and n >= batch_size
+        if self.resident:  # batches of indices; on_after_batch_transfer gathers the frames on the device
+            return DataLoader(_SplitIndices(split, n), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+        return DataLoader(FrameDataset(self.load_split(split)), batch_size=batch_size, shuffle=shuffle,
+                          drop_last=drop_last, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
     def train_dataloader(self) -> DataLoader:
-        ds = FrameDataset(self.load_split("train"))
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=len(ds) >= self.batch_size,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return self._loader("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(FrameDataset(self.load_split("val")), batch_size=1, num_workers=0)
+        return self._loader("val", 1, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if "split" not in batch:
+            return batch
+        split, index = batch["split"][0], batch["index"]
+        key = (split, str(index.device))
+        if key not in self._on_device:
+            ds = FrameDataset(self.load_split(split))
+            self._on_device[key] = {"img": ds.frames.images.to(index.device), "mvp": ds.mvp.to(index.device),
+                                    "cam_pos": ds.cam_pos.to(index.device)}
+        data = self._on_device[key]
+        return {"img": data["img"][index], "mvp": data["mvp"][index], "cam_pos": data["cam_pos"][index], "index": index}
+
+
+class _SplitIndices(torch.utils.data.Dataset):
+    """Frame indices of one split, tagged with the split's name."""
+
+    def __init__(self, split: str, n: int):
+        self.split, self.n = split, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"split": self.split, "index": i}

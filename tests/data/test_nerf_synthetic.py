@@ -127,7 +127,17 @@ def test_datamodule_batches(tmp_path):
     root = write_scene(tmp_path, n=5)
     dm = NeRFDataModule(path=str(root), resolution=8, batch_size=2)
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert batch["img"].shape == (2, 8, 8, 4) and batch["mvp"].shape == (2, 4, 4) and batch["cam_pos"].shape == (2, 3)
     with pytest.raises(DataError, match="data.path=.*is not a directory"):
         NeRFDataModule(path=str(tmp_path / "nope")).load_split("train")
+
+
+def test_resident_batches_match_host_batches(tmp_path):
+    root = write_scene(tmp_path, n=4)
+    dm = NeRFDataModule(path=str(root), resolution=8, batch_size=2, resident=True)
+    batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    host = NeRFDataModule(path=str(root), resolution=8, batch_size=2, resident=False)
+    ref = next(iter(host.val_dataloader()))
+    for k in ("img", "mvp", "cam_pos"):
+        assert torch.equal(batch[k], ref[k])
