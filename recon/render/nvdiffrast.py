@@ -1,0 +1,156 @@
+"""CUDA rasterizer: a thin wrapper over nvdiffrast.torch with its CUDA context (never OpenGL).
+
+Install with `pip install diffrp-nvdiffrast`; the CUDA plugin is JIT-compiled by torch on first use,
+which needs nvcc (matching torch's CUDA version), ninja and a C++ compiler.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import threading
+
+import torch
+from torch import Tensor
+
+from recon.render.rasterizer import DiffAttrs, Rasterizer
+from recon.render.torch_raster import _FacesCache
+
+_lock = threading.Lock()
+_plugin_ready = False
+_contexts: dict[int, object] = {}  # one RasterizeCudaContext per CUDA device index
+
+
+def is_available() -> bool:
+    """Whether the nvdiffrast package is installed (says nothing about CUDA or the plugin build)."""
+    return importlib.util.find_spec("nvdiffrast") is not None
+
+
+def plugin_name(nvdiffrast_version: str, torch_version: str) -> str:
+    """Module name of nvdiffrast's JIT-built CUDA plugin, computed as nvdiffrast/torch/ops.py does."""
+    name = f"nvdiffrast_plugin_{nvdiffrast_version}_torch{torch_version}"
+    return re.sub(r"\W|^(?=\d)", "_", name)
+
+
+def _load_plugin() -> None:
+    """Build (first time) and import nvdiffrast's CUDA plugin, once per process.
+
+    nvdiffrast imports the freshly built plugin by module name; recent torch versions no longer put the
+    extension's build directory on sys.path, so that import fails unless we add the directory first.
+    """
+    global _plugin_ready
+    if _plugin_ready:
+        return
+    with _lock:
+        if _plugin_ready:
+            return
+        import nvdiffrast
+        from nvdiffrast.torch import ops
+        from torch.utils import cpp_extension
+
+        build_dir = cpp_extension._get_build_directory(plugin_name(nvdiffrast.__version__, torch.__version__), False)
+        if build_dir not in sys.path:
+            sys.path.insert(0, build_dir)
+        try:
+            ops._get_plugin()
+        except Exception as err:
+            raise RuntimeError(
+                f"The nvdiffrast CUDA plugin build failed ({type(err).__name__}: {err}). "
+                f"Check that nvcc (CUDA {torch.version.cuda}, as torch {torch.__version__} was built with) and "
+                "ninja are on PATH and CUDA_HOME points at that toolkit, or use render.backend=torch."
+            ) from err
+        _plugin_ready = True
+
+
+def _context(device: torch.device):
+    """The RasterizeCudaContext of a CUDA device, created on first use."""
+    import nvdiffrast.torch as dr
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ctx = _contexts.get(index)
+    if ctx is None:
+        with _lock:
+            ctx = _contexts.get(index)
+            if ctx is None:
+                ctx = dr.RasterizeCudaContext(device=torch.device("cuda", index))
+                _contexts[index] = ctx
+    return ctx
+
+
+class NvdiffrastRasterizer(Rasterizer):
+    """nvdiffrast.torch on CUDA. Inputs must be float32 CUDA tensors; faces are cast to int32 here.
+
+    device: the CUDA device the tensors live on (informational; each call uses its inputs' device).
+    """
+
+    name = "nvdiffrast"
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cuda")
+        self._faces = _FacesCache()  # faces -> int32 copy
+        self._topology = _FacesCache()  # faces -> nvdiffrast topology hash
+
+    def _tri(self, faces: Tensor) -> Tensor:
+        return self._faces.get(faces, lambda f: f.to(torch.int32).contiguous())
+
+    def rasterize(self, pos_clip: Tensor, faces: Tensor, resolution: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """See `Rasterizer.rasterize`. pos_clip: [B,Nv,4] float32 CUDA; faces: [Nf,3] int64."""
+        import nvdiffrast.torch as dr
+
+        _load_plugin()
+        ctx = _context(pos_clip.device)
+        res = [int(resolution[0]), int(resolution[1])]
+        return dr.rasterize(ctx, pos_clip.contiguous(), self._tri(faces), resolution=res, grad_db=True)
+
+    def interpolate(
+        self,
+        attr: Tensor,
+        rast: Tensor,
+        faces: Tensor,
+        rast_db: Tensor | None = None,
+        diff_attrs: DiffAttrs = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """See `Rasterizer.interpolate`. attr: [B,Nv,C] or [Nv,C]; rast: [B,H,W,4]."""
+        import nvdiffrast.torch as dr
+
+        _load_plugin()
+        if diff_attrs is not None and rast_db is None:
+            raise ValueError("interpolate(diff_attrs=...) needs rast_db, the second output of rasterize().")
+        if attr.dim() == 2:
+            attr = attr[None]  # broadcast over the minibatch
+        if diff_attrs is None or rast_db is None:
+            out, _ = dr.interpolate(attr.contiguous(), rast, self._tri(faces))
+            return out, None
+        diff = diff_attrs if isinstance(diff_attrs, str) else [int(i) for i in diff_attrs]
+        return dr.interpolate(attr.contiguous(), rast, self._tri(faces), rast_db=rast_db, diff_attrs=diff)
+
+    def antialias(self, color: Tensor, rast: Tensor, pos_clip: Tensor, faces: Tensor) -> Tensor:
+        """See `Rasterizer.antialias`. color: [B,H,W,C]; the topology hash is built once per faces tensor."""
+        import nvdiffrast.torch as dr
+
+        _load_plugin()
+        tri = self._tri(faces)
+        topology = self._topology.get(faces, lambda f: dr.antialias_construct_topology_hash(tri))
+        return dr.antialias(color.contiguous(), rast, pos_clip.contiguous(), tri, topology_hash=topology)
+
+    def texture(
+        self,
+        tex: Tensor,
+        uv: Tensor,
+        uv_da: Tensor | None = None,
+        filter_mode: str = "auto",
+        boundary_mode: str = "wrap",
+        max_mip_level: int | None = None,
+    ) -> Tensor:
+        """See `Rasterizer.texture`. tex: [B or 1,Ht,Wt,C]; uv: [B,H,W,2]; uv_da: [B,H,W,4]."""
+        import nvdiffrast.torch as dr
+
+        _load_plugin()
+        return dr.texture(
+            tex.contiguous(),
+            uv.contiguous(),
+            uv_da=uv_da.contiguous() if uv_da is not None else None,
+            filter_mode=filter_mode,
+            boundary_mode=boundary_mode,
+            max_mip_level=max_mip_level,
+        )
