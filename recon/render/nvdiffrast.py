@@ -54,11 +54,14 @@ def _load_plugin() -> None:
         try:
             ops._get_plugin()
         except Exception as err:
-            raise RuntimeError(
-                f"The nvdiffrast CUDA plugin build failed ({type(err).__name__}: {err}). "
-                f"Check that nvcc (CUDA {torch.version.cuda}, as torch {torch.__version__} was built with) and "
-                "ninja are on PATH and CUDA_HOME points at that toolkit, or use render.backend=torch."
-            ) from err
+            if torch.version.cuda:
+                fix = (
+                    f"Check that nvcc (CUDA {torch.version.cuda}, matching torch {torch.__version__}) and ninja are "
+                    "on PATH and that CUDA_HOME points at that toolkit, or use render.backend=torch."
+                )
+            else:
+                fix = f"torch {torch.__version__} has no CUDA support: install a CUDA build, or use render.backend=torch."
+            raise RuntimeError(f"The nvdiffrast CUDA plugin build failed ({type(err).__name__}: {err}). {fix}") from err
         _plugin_ready = True
 
 
