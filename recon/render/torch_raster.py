@@ -274,9 +274,8 @@ class TorchRasterizer(Rasterizer):
         batch = torch.div(flat_item, nf, rounding_mode="floor")
         face = flat_item - batch * nf
         clip = needs_clip.index_select(0, item)
-        t = table.index_select(0, item)
-        z_dx = t[:, 12]
-        z_row = t[:, 13] * py + t[:, 14]
+        z_dx, z_dy, z_c = t[:, 12:].index_select(0, keep).unbind(1)
+        z_row = z_dy * py + z_c
 
         # Covered pairs, a chunk of rows at a time: depth test by scatter-min of packed keys. Within a
         # chunk, pair q of row r is pixel base[r] + q with depth z0[r] + z_dx[r] * q.
