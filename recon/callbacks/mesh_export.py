@@ -11,18 +11,22 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from recon.eval.evaluate import RUN_INFO, evaluate_run, format_table
 from recon.export.obj import atomic_write_bytes, write_textured_obj
-from recon.export.uv_bake import bake_texture, unwrap
+from recon.export.uv_bake import bake_texture, simplify, unwrap
 
 
 class MeshExport(L.Callback):
     """On fit end (rank zero): write ``mesh.obj`` + ``mesh.mtl`` + ``texture_kd.png`` into ``out_dir``,
     then evaluate the files on the test split into ``metrics.json``.
 
-    texture_res: side of the baked texture in texels. evaluate: run recon.eval on the export.
+    texture_res: side of the baked texture in texels. max_faces: decimate larger meshes to this many
+    triangles before unwrapping (0 keeps every triangle; xatlas's time grows fast with the count).
+    evaluate: run recon.eval on the export.
     """
 
-    def __init__(self, out_dir: str, texture_res: int = 2048, evaluate: bool = True, eval_samples: int = 100_000):
+    def __init__(self, out_dir: str, texture_res: int = 2048, max_faces: int = 100_000, evaluate: bool = True,
+                 eval_samples: int = 100_000):
         self.out_dir = Path(out_dir)
+        self.max_faces = int(max_faces)
         self.texture_res = int(texture_res)
         self.evaluate = evaluate
         self.eval_samples = int(eval_samples)
@@ -43,12 +47,14 @@ class MeshExport(L.Callback):
         fit_seconds = time.perf_counter() - self._t0 if self._t0 else None
         t0 = time.perf_counter()
         with torch.no_grad():
-            mesh = unwrap(pl_module.extract_mesh())
+            full = pl_module.extract_mesh()
+            mesh = unwrap(simplify(full, self.max_faces))
             kd = bake_texture(pl_module.rasterizer, mesh, pl_module.material.sample, self.texture_res)
         obj = write_textured_obj(self.out_dir, mesh, kd)
         export_seconds = time.perf_counter() - t0
         rank_zero_info(f"exported {obj} ({mesh.faces.shape[0]} triangles, {self.texture_res}^2 texture)")
-        timing = {"fit_seconds": fit_seconds, "export_seconds": export_seconds, "steps": trainer.global_step}
+        timing = {"fit_seconds": fit_seconds, "export_seconds": export_seconds, "steps": trainer.global_step,
+                  "extracted_triangles": int(full.faces.shape[0]), "exported_triangles": int(mesh.faces.shape[0])}
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             timing["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(pl_module.device)
         atomic_write_bytes(self.out_dir / "timing.json", json.dumps(timing, indent=2).encode())

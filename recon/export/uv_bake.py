@@ -10,6 +10,23 @@ from torch import Tensor
 from recon.geometry.mesh import Mesh
 
 
+def simplify(mesh: Mesh, max_faces: int) -> Mesh:
+    """Quadric-error decimation (fast-simplification through trimesh) down to ``max_faces`` triangles.
+
+    DMTet meshes are uniformly dense; UV unwrapping time grows quickly with the triangle count, so the
+    export decimates first. Meshes already small enough are returned unchanged. Normals are recomputed.
+    """
+    if max_faces <= 0 or mesh.faces.shape[0] <= max_faces:
+        return mesh
+    import trimesh
+
+    tm = trimesh.Trimesh(mesh.verts.detach().cpu().numpy(), mesh.faces.detach().cpu().numpy(), process=False)
+    small = tm.simplify_quadric_decimation(face_count=int(max_faces))
+    verts = torch.as_tensor(np.asarray(small.vertices), dtype=mesh.verts.dtype, device=mesh.verts.device)
+    faces = torch.as_tensor(np.asarray(small.faces), dtype=torch.int64, device=mesh.verts.device)
+    return Mesh(verts=verts, faces=faces).with_normals()
+
+
 def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024) -> Mesh:
     """UV-unwrap ``mesh`` with xatlas: returns a copy with ``uv`` [Nuv,2] in [0,1] and ``uv_faces`` [Nf,3].
 

@@ -74,3 +74,15 @@ def test_crash_mid_export_leaves_no_obj(tmp_path, sphere, monkeypatch):
 def test_missing_obj_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="mesh.obj not found"):
         load_textured_obj(tmp_path / "mesh.obj")
+
+
+def test_simplify_caps_faces_and_keeps_shape(sphere):
+    from recon.export.uv_bake import simplify
+
+    fine = trimesh.creation.icosphere(subdivisions=4, radius=0.8)
+    mesh = Mesh(torch.tensor(fine.vertices, dtype=torch.float32), torch.tensor(fine.faces, dtype=torch.int64))
+    small = simplify(mesh, 1000)
+    assert small.faces.shape[0] <= 1000 and small.normals is not None
+    r = small.verts.norm(dim=-1)
+    assert (r - 0.8).abs().max() < 0.02  # still the sphere
+    assert simplify(sphere, 10**6) is sphere
