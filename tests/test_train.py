@@ -86,3 +86,17 @@ def test_nvdiffrast_backend_without_cuda_is_a_clear_error(tmp_path):
                      "model.render.backend=nvdiffrast")
     assert proc.returncode != 0
     assert "render.backend='nvdiffrast' needs CUDA" in proc.stderr and "render.backend=torch" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_short_fit_on_gpu_exports(tmp_path):
+    """The CUDA path end to end (nvdiffrast backend, module on the GPU when the export runs)."""
+    proc = run_train(tmp_path, "trainer.max_steps=30", "data.resolution=64", "data.batch_size=2",
+                     "data.builtin.n_train=8", "data.builtin.n_test=2", "model.geometry.tet_grid=32",
+                     "callbacks.mesh_export.texture_res=256", "callbacks.mesh_export.eval_samples=5000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    timing = json.loads((run / "timing.json").read_text())
+    assert timing["peak_gpu_memory_bytes"] > 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["iou"] > 0.5, metrics

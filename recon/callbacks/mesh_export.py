@@ -15,7 +15,7 @@ from recon.export.uv_bake import bake_texture, simplify, unwrap
 
 
 class MeshExport(L.Callback):
-    """On fit end (rank zero): write ``mesh.obj`` + ``mesh.mtl`` + ``texture_kd.png`` into ``out_dir``,
+    """When training ends (rank zero): write ``mesh.obj`` + ``mesh.mtl`` + ``texture_kd.png`` into ``out_dir``,
     then evaluate the files on the test split into ``metrics.json``.
 
     texture_res: side of the baked texture in texels. max_faces: decimate larger meshes to this many
@@ -40,7 +40,8 @@ class MeshExport(L.Callback):
         atomic_write_bytes(self.out_dir / RUN_INFO, json.dumps(info, indent=2).encode())
 
     @rank_zero_only
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_train_end, not on_fit_end: the module is still on its training device here
         if trainer.interrupted:
             rank_zero_info("fit interrupted: no mesh exported.")
             return
