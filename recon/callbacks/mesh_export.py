@@ -20,11 +20,13 @@ class MeshExport(L.Callback):
 
     texture_res: side of the baked texture in texels. max_faces: decimate larger meshes to this many
     triangles before unwrapping (0 keeps every triangle; xatlas's time grows fast with the count).
-    evaluate: run recon.eval on the export.
+    save_extracted: also write the full-resolution extracted surface (before decimation) as
+    ``mesh_extracted.ply``. evaluate: run recon.eval on the export.
     """
 
-    def __init__(self, out_dir: str, texture_res: int = 2048, max_faces: int = 100_000, evaluate: bool = True,
-                 eval_samples: int = 100_000):
+    def __init__(self, out_dir: str, texture_res: int = 2048, max_faces: int = 100_000, save_extracted: bool = False,
+                 evaluate: bool = True, eval_samples: int = 100_000):
+        self.save_extracted = save_extracted
         self.out_dir = Path(out_dir)
         self.max_faces = int(max_faces)
         self.texture_res = int(texture_res)
@@ -49,6 +51,9 @@ class MeshExport(L.Callback):
         t0 = time.perf_counter()
         with torch.no_grad():
             full = pl_module.extract_mesh()
+            if self.save_extracted:
+                ply = full.to_trimesh().export(file_type="ply")
+                atomic_write_bytes(self.out_dir / "mesh_extracted.ply", ply)
             mesh = unwrap(simplify(full, self.max_faces))
             kd = bake_texture(pl_module.rasterizer, mesh, pl_module.material.sample, self.texture_res)
         obj = write_textured_obj(self.out_dir, mesh, kd)
