@@ -1,0 +1,378 @@
+"""Benchmark presets end to end and per training stage: `python bench/run.py cpu-small [quick nerf800] [--out DIR]`.
+
+For each preset (a Hydra experiment; `cpu-small` is `experiment=cpu_small`):
+1. runs `train.py experiment=<preset>` as a subprocess and measures its wall time and peak host memory, then reads
+   the run's ``timing.json`` and ``metrics.json``;
+2. rebuilds the same composed config in this process and times ``--profile-steps`` hand-driven training steps,
+   stage by stage (CUDA events on a GPU, ``time.perf_counter`` on a CPU);
+3. writes ``<out>/<preset>-<device>.json`` and ``.md`` and regenerates ``<out>/README.md`` from every JSON there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repository root, on sys.path
+    sys.path.insert(0, str(ROOT))
+
+from recon.color import tonemap_srgb
+from recon.export.obj import atomic_write_bytes
+from recon.render.shading import rasterize_gbuffers, shade_covered
+from recon.system import background
+
+STAGES = ("marching_tets", "rasterize", "material", "shading/antialias", "loss", "backward", "optimizer")
+RESULT_KEYS = (
+    "preset", "device", "torch", "git_commit", "config", "wall_seconds", "mesh_seconds", "fit_seconds",
+    "export_seconds", "iterations_per_second", "peak_gpu_memory_bytes", "peak_host_memory_bytes", "triangles",
+    "quality", "stages", "step_ms",
+)
+
+
+# ---------------------------------------------------------------------------------------------- config
+def experiment_name(preset: str) -> str:
+    """Preset name on the command line -> file in conf/experiment/ (`cpu-small` -> `cpu_small`)."""
+    return preset.replace("-", "_")
+
+
+def compose_config(preset: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The config `train.py experiment=<preset> [overrides]` would run with (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    from recon.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={experiment_name(preset)}", *overrides])
+
+
+def config_summary(cfg) -> dict:
+    res = cfg.data.resolution
+    res = [int(r) for r in res] if not isinstance(res, int) else [int(res), int(res)]
+    return {"resolution": res, "batch": int(cfg.data.batch_size), "tet_grid": int(cfg.model.geometry.tet_grid),
+            "steps": int(cfg.trainer.max_steps), "texture_res": int(cfg.callbacks.mesh_export.texture_res)}
+
+
+def training_device(cfg) -> torch.device:
+    """The device the preset trains on: CUDA when visible and the trainer's accelerator is not cpu."""
+    if str(cfg.trainer.get("accelerator", "auto")) != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def device_label(device: torch.device) -> str:
+    """'cpu' or 'cuda-<gpu name slug>' (e.g. cuda-nvidia-h100-80gb-hbm3), used in result file names."""
+    if device.type != "cuda":
+        return "cpu"
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def run_end_to_end(preset: str, run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Run train.py for ``preset`` into ``run_dir``; wall time, peak host memory, timing.json and metrics.json.
+
+    Peak host memory is the child's maximum resident set size from wait4 (bytes; Linux reports KiB, macOS bytes).
+    """
+    cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={experiment_name(preset)}",
+           f"hydra.run.dir={run_dir}", *overrides]
+    log_path = run_dir.parent / f"{run_dir.name}.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0_epoch, t0 = time.time(), time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's so far
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        raise RuntimeError(f"train.py experiment={experiment_name(preset)} failed (exit {proc.returncode}); "
+                           f"log {log_path}:\n{tail}")
+    maxrss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    timing = json.loads((run_dir / "timing.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    mesh = run_dir / "mesh.obj"
+    return {"wall_seconds": wall, "mesh_seconds": mesh.stat().st_mtime - t0_epoch if mesh.is_file() else None,
+            "peak_host_memory_bytes": int(maxrss), "timing": timing, "metrics": metrics}
+
+
+# ---------------------------------------------------------------------------------------------- per stage
+class StageTimer:
+    """Marks stage boundaries: CUDA events on the stream (one synchronize per step) or perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks, then the marks are cleared."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            out = [a.elapsed_time(b) for a, b in zip(self.marks[:-1], self.marks[1:])]
+        else:
+            out = [(b - a) * 1e3 for a, b in zip(self.marks[:-1], self.marks[1:])]
+        self.marks = []
+        return out
+
+
+def build_for_profile(cfg, device: torch.device):
+    """Datamodule, ReconSystem (on ``device``), optimizer and scheduler of a composed config, as train.py builds them."""
+    import hydra
+    import lightning as L
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    system = hydra.utils.instantiate(cfg.model).to(device)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    conf = system.configure_optimizers()
+    return datamodule, system, conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+
+
+def _batches(datamodule, device: torch.device):
+    """Endless training batches on ``device`` (the datamodule's own loader and device-side gather)."""
+    while True:
+        for batch in datamodule.train_dataloader():
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield datamodule.on_after_batch_transfer(batch, 0)
+
+
+def training_step_stages(system, batch: dict, opt, sched, timer: StageTimer) -> torch.Tensor:
+    """One training step as ReconSystem.training_step + Lightning's backward/step, with a timer mark per stage."""
+    img = batch["img"]
+    timer.mark()
+    mesh = system.mesh()                                                          # marching_tets
+    timer.mark()
+    gb = rasterize_gbuffers(system.rasterizer, mesh, batch["mvp"], tuple(img.shape[1:3]))  # rasterize
+    timer.mark()
+    color = shade_covered(gb["mask"], gb["gb_pos"], system.material.sample)       # material
+    timer.mark()
+    rgba = torch.cat([color, gb["mask"][..., None].to(color.dtype)], -1)          # shading/antialias (render_albedo)
+    rgba = system.rasterizer.antialias(rgba.contiguous(), gb["rast"], gb["pos_clip"], mesh.faces)
+    out = {"rgb": rgba[..., :3], "alpha": rgba[..., 3:].clamp(0, 1)}
+    timer.mark()
+    bg = background(system.loss_cfg.get("background", "random"), img.shape[:3], img.device)  # loss
+    comp, ref = system.composite(out, img, bg)
+    ref_a = img[..., 3:]
+    loss_alpha = F.mse_loss(out["alpha"], ref_a)
+    loss_color = F.l1_loss(tonemap_srgb(comp * ref_a), tonemap_srgb(ref * ref_a))
+    loss = loss_color + system.loss_cfg.get("alpha_weight", 1.0) * loss_alpha + system.sdf_weight() * system.geometry.sdf_regularizer()
+    timer.mark()
+    loss.backward()                                                               # backward
+    timer.mark()
+    opt.step()                                                                    # optimizer
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    timer.mark()
+    return loss.detach()
+
+
+def profile_stages(cfg, steps: int = 30, warmup: int = 5, device: torch.device | None = None) -> dict:
+    """Time ``steps`` hand-driven training steps of ``cfg`` stage by stage, after ``warmup`` untimed steps.
+
+    Returns ``stages`` {name: {median_ms, p90_ms}}, ``step_ms`` {median_ms, p90_ms} of the stages' per-step sum,
+    ``wall_step_ms`` (median wall time of a whole step, timed separately around it, with a synchronize on CUDA),
+    ``device`` and ``steps``. On CUDA the stages are spans between events on the stream: GPU time, plus any host
+    gap (launch overhead, host syncs such as the marching-tets compaction) inside the span.
+    """
+    device = device or training_device(cfg)
+    datamodule, system, opt, sched = build_for_profile(cfg, device)
+    system.train()
+    timer = StageTimer(device)
+    batches = _batches(datamodule, device)
+    per_stage: dict[str, list[float]] = {name: [] for name in STAGES}
+    wall = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + steps):
+        batch = next(batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        training_step_stages(system, batch, opt, sched, timer)
+        ms = timer.intervals_ms()  # synchronizes on CUDA
+        t1 = time.perf_counter()
+        if i >= warmup:
+            wall.append((t1 - t0) * 1e3)
+            for name, v in zip(STAGES, ms):
+                per_stage[name].append(v)
+    totals = np.sum([per_stage[n] for n in STAGES], axis=0)
+
+    def stats(v) -> dict:
+        return {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90))}
+
+    result = {"device": device_label(device), "steps": steps, "warmup": warmup,
+              "stages": {n: stats(per_stage[n]) for n in STAGES}, "step_ms": stats(totals),
+              "wall_step_ms": float(np.median(wall))}
+    if device.type == "cuda":
+        result["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- results
+def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
+    timing, metrics = e2e.get("timing", {}), e2e.get("metrics", {})
+    geo = metrics.get("geometry", {})
+    fscore = {k: v for k, v in geo.items() if k.startswith("fscore")}
+    fit = timing.get("fit_seconds")
+    steps = timing.get("steps") or int(cfg.trainer.max_steps)
+    device_name = torch.cuda.get_device_name() if prof["device"].startswith("cuda") else (platform.processor() or platform.machine())
+    return {
+        "preset": preset, "device": prof["device"], "device_name": device_name, "torch": torch.__version__,
+        "git_commit": git_commit(), "config": config_summary(cfg),
+        "wall_seconds": e2e.get("wall_seconds"), "mesh_seconds": e2e.get("mesh_seconds"),
+        "fit_seconds": fit, "export_seconds": timing.get("export_seconds"),
+        "iterations_per_second": steps / fit if fit else None,
+        "peak_gpu_memory_bytes": timing.get("peak_gpu_memory_bytes"),
+        "peak_host_memory_bytes": e2e.get("peak_host_memory_bytes"),
+        "triangles": {"extracted": timing.get("extracted_triangles"), "visible": timing.get("visible_triangles"),
+                      "exported": timing.get("exported_triangles", metrics.get("triangles"))},
+        "quality": {"psnr": metrics.get("psnr"), "ssim": metrics.get("ssim"), "iou": metrics.get("iou"),
+                    "chamfer_l1": geo.get("chamfer_l1"), **fscore, "triangles": metrics.get("triangles")},
+        "stages": prof["stages"], "step_ms": prof["step_ms"], "wall_step_ms": prof.get("wall_step_ms"),
+        "profile_steps": prof.get("steps"),
+    }
+
+
+def _fmt(x, spec: str = ".2f", scale: float = 1.0) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, (int, float)):
+        return format(x * scale if scale != 1.0 else x, spec)
+    return str(x)
+
+
+def _fscore(q: dict):
+    """F-score at 1 % of the ground-truth diagonal (metrics.json's ``fscore@0.01``)."""
+    return q.get("fscore@0.01")
+
+
+SUMMARY_HEADER = ("preset", "device", "res", "batch", "grid", "steps", "wall s", "fit s", "export s", "it/s",
+                  "peak GPU GiB", "peak host GiB", "triangles", "PSNR", "SSIM", "IoU", "chamfer L1", "F@1%",
+                  "step ms")
+
+
+def summary_row(r: dict) -> list[str]:
+    c, q = r["config"], r.get("quality", {})
+    gib = 1.0 / 2**30
+    return [r["preset"], r["device"], "x".join(str(v) for v in c["resolution"]), str(c["batch"]), str(c["tet_grid"]),
+            str(c["steps"]), _fmt(r.get("wall_seconds"), ".1f"), _fmt(r.get("fit_seconds"), ".1f"),
+            _fmt(r.get("export_seconds"), ".1f"), _fmt(r.get("iterations_per_second"), ".1f"),
+            _fmt(r.get("peak_gpu_memory_bytes"), ".2f", gib), _fmt(r.get("peak_host_memory_bytes"), ".2f", gib),
+            _fmt(r.get("triangles", {}).get("exported"), "d"), _fmt(q.get("psnr"), ".2f"), _fmt(q.get("ssim"), ".4f"),
+            _fmt(q.get("iou"), ".4f"), _fmt(q.get("chamfer_l1"), ".5f"), _fmt(_fscore(q), ".4f"),
+            _fmt(r.get("step_ms", {}).get("median_ms"), ".1f")]
+
+
+def _table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def result_markdown(r: dict) -> str:
+    """One preset's result: the summary row, then the stage table (median / p90 ms per training step)."""
+    stages = [[name, _fmt(s["median_ms"], ".2f"), _fmt(s["p90_ms"], ".2f")] for name, s in r["stages"].items()]
+    stages.append(["**total**", _fmt(r["step_ms"]["median_ms"], ".2f"), _fmt(r["step_ms"]["p90_ms"], ".2f")])
+    return (f"## {r['preset']} on {r['device']} ({r.get('device_name') or ''}, torch {r['torch']}, "
+            f"commit {(r.get('git_commit') or 'unknown')[:10]})\n\n" + _table(SUMMARY_HEADER, [summary_row(r)])
+            + f"\n\nPer-stage time of one training step ({r.get('profile_steps')} steps after warm-up):\n\n"
+            + _table(("stage", "median ms", "p90 ms"), stages) + "\n")
+
+
+def write_result(r: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``<preset>-<device>.json`` and ``.md`` atomically; returns both paths."""
+    missing = [k for k in RESULT_KEYS if k not in r]
+    if missing:
+        raise ValueError(f"benchmark result lacks {missing}")
+    stem = f"{r['preset']}-{r['device']}"
+    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    atomic_write_bytes(jpath, (json.dumps(r, indent=2) + "\n").encode())
+    atomic_write_bytes(mpath, result_markdown(r).encode())
+    return jpath, mpath
+
+
+def write_summary(out_dir: Path) -> Path:
+    """Regenerate ``out_dir/README.md``: one row per result JSON in ``out_dir``."""
+    results = []
+    for p in sorted(out_dir.glob("*.json")):
+        try:
+            r = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(r, dict) and "preset" in r and "config" in r:
+            results.append(r)
+    text = ("# Benchmark results\n\nGenerated by `python bench/run.py` from the JSON files in this folder; "
+            "see `bench/README.md` for what each column means.\n\n" + _table(SUMMARY_HEADER, [summary_row(r) for r in results])
+            + "\n")
+    path = out_dir / "README.md"
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- main
+def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, run_dir: Path | None,
+                 overrides: list[str]) -> dict:
+    cfg = compose_config(preset, overrides)
+    if run_dir is None:
+        with tempfile.TemporaryDirectory(prefix=f"bench-{preset}-") as tmp:
+            e2e = run_end_to_end(preset, Path(tmp) / "run", overrides)
+    else:
+        e2e = run_end_to_end(preset, run_dir / preset, overrides)
+    prof = profile_stages(cfg, steps=profile_steps, warmup=warmup)
+    r = assemble_result(preset, cfg, e2e, prof)
+    jpath, _ = write_result(r, out_dir)
+    print(result_markdown(r))
+    print(f"wrote {jpath} and {jpath.with_suffix('.md')}")
+    return r
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("presets", nargs="+", help="experiments in conf/experiment/ (cpu-small, quick, nerf800, ...)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--profile-steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps before the profiled ones")
+    ap.add_argument("--run-dir", type=Path, default=None,
+                    help="keep the training runs in RUN_DIR/<preset> (default: a temporary folder, deleted)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra Hydra override for both the run and the profile (repeatable)")
+    args = ap.parse_args(argv)
+    for preset in args.presets:
+        if not (ROOT / "conf" / "experiment" / f"{experiment_name(preset)}.yaml").is_file():
+            ap.error(f"unknown preset {preset!r}: no conf/experiment/{experiment_name(preset)}.yaml")
+    for preset in args.presets:
+        bench_preset(preset, args.out, args.profile_steps, args.warmup, args.run_dir, args.override)
+    print(f"summary: {write_summary(args.out)}")
+
+
+if __name__ == "__main__":
+    main()

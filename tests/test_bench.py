@@ -1,0 +1,100 @@
+"""bench/run.py: the per-stage profiler on a tiny config, and the JSON / Markdown writers on a fake result."""
+import importlib.util
+import json
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+TINY = ["data.resolution=32", "model.geometry.tet_grid=12", "data.builtin.n_train=6", "data.builtin.n_val=1",
+        "data.builtin.n_test=1"]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "cache"))
+    return bench.compose_config("cpu-small", TINY)
+
+
+def test_presets_compose():
+    small = bench.config_summary(bench.compose_config("cpu-small"))
+    assert small == {"resolution": [64, 64], "batch": 2, "tet_grid": 24, "steps": 150, "texture_res": 256}
+    quick = bench.config_summary(bench.compose_config("quick"))
+    assert quick == {"resolution": [512, 512], "batch": 4, "tet_grid": 64, "steps": 1000, "texture_res": 1024}
+    assert bench.config_summary(bench.compose_config("nerf800"))["tet_grid"] == 128
+    assert bench.compose_config("cpu-small").trainer.accelerator == "cpu"  # inherited from the cpu preset
+
+
+def test_profile_stages_times_every_stage(tiny_cfg):
+    prof = bench.profile_stages(tiny_cfg, steps=5, warmup=2, device=torch.device("cpu"))
+    assert list(prof["stages"]) == list(bench.STAGES)
+    for name, s in prof["stages"].items():
+        assert s["median_ms"] > 0 and s["p90_ms"] >= s["median_ms"], (name, s)
+    total = sum(s["median_ms"] for s in prof["stages"].values())
+    assert prof["step_ms"]["median_ms"] > 0
+    assert 0.5 * prof["wall_step_ms"] <= total <= 1.5 * prof["wall_step_ms"], prof
+
+    # an independent full step: the system's own training_step + backward + optimizer step
+    datamodule, system, opt, sched = bench.build_for_profile(tiny_cfg, torch.device("cpu"))
+    batches = bench._batches(datamodule, torch.device("cpu"))
+    times = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a Trainer warns and does nothing
+        for i in range(7):
+            batch = next(batches)
+            t0 = time.perf_counter()
+            system.training_step(batch, i).backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+    full = sorted(times)[len(times) // 2]
+    assert full / 3 <= total <= full * 3, (total, full, prof["stages"])
+
+
+def fake_result(preset: str, device: str = "cpu") -> dict:
+    stages = {name: {"median_ms": 1.0 + i, "p90_ms": 2.0 + i} for i, name in enumerate(bench.STAGES)}
+    return {
+        "preset": preset, "device": device, "device_name": "x86_64", "torch": "2.13.0", "git_commit": None,
+        "config": {"resolution": [64, 64], "batch": 2, "tet_grid": 24, "steps": 150, "texture_res": 256},
+        "wall_seconds": 60.0, "mesh_seconds": 50.0, "fit_seconds": 40.0, "export_seconds": 5.0,
+        "iterations_per_second": 3.75, "peak_gpu_memory_bytes": None, "peak_host_memory_bytes": 2**30,
+        "triangles": {"extracted": 5000, "visible": 4000, "exported": 4000},
+        "quality": {"psnr": 25.0, "ssim": 0.9, "iou": 0.97, "chamfer_l1": 0.01, "fscore@0.01": 0.8, "triangles": 4000},
+        "stages": stages, "step_ms": {"median_ms": 28.0, "p90_ms": 35.0}, "wall_step_ms": 29.0, "profile_steps": 30,
+    }
+
+
+def test_writers_json_markdown_and_summary(tmp_path):
+    for preset in ("cpu-small", "quick"):
+        jpath, mpath = bench.write_result(fake_result(preset), tmp_path)
+        data = json.loads(jpath.read_text())
+        assert jpath.name == f"{preset}-cpu.json" and set(bench.RESULT_KEYS) <= set(data)
+        assert set(data["stages"]) == set(bench.STAGES)
+        md = mpath.read_text()
+        assert all(f"| {name} |" in md for name in bench.STAGES) and "| **total** | 28.00 | 35.00 |" in md
+    (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
+    summary = bench.write_summary(tmp_path).read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| preset")]
+    assert len(rows) == 2 and {r.split(" | ")[0][2:] for r in rows} == {"cpu-small", "quick"}
+    assert "| 40.0 |" in rows[0] and "| 25.00 |" in rows[0] and "| 0.8000 |" in rows[0]
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_write_result_rejects_incomplete(tmp_path):
+    r = fake_result("cpu-small")
+    del r["stages"]
+    with pytest.raises(ValueError, match="stages"):
+        bench.write_result(r, tmp_path)
+
+
+def test_device_label_cpu():
+    assert bench.device_label(torch.device("cpu")) == "cpu"
