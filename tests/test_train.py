@@ -100,3 +100,7 @@ def test_short_fit_on_gpu_exports(tmp_path):
     assert timing["peak_gpu_memory_bytes"] > 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["iou"] > 0.5, metrics
+
+
+def test_experiment_name_names_the_run_dir():
+    assert compose_train("experiment=cpu").name == "cpu" and compose_train().name == "recon"
