@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recon.color import linear_to_srgb, srgb_to_linear
-from recon.export.obj import atomic_write_bytes, load_textured_obj
+from recon.export.obj import atomic_write_bytes, default_file_mode, load_textured_obj
 from recon.geometry.mesh import Mesh, vertex_normals
 
 FOVY = math.radians(40.0)          # vertical field of view of the turntable camera
@@ -150,6 +150,7 @@ class _AtomicVideo:
 
     def commit(self) -> None:
         self.writer.close()
+        os.chmod(self.tmp, default_file_mode())
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

@@ -86,3 +86,17 @@ def test_simplify_caps_faces_and_keeps_shape(sphere):
     r = small.verts.norm(dim=-1)
     assert (r - 0.8).abs().max() < 0.02  # still the sphere
     assert simplify(sphere, 10**6) is sphere
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    import os
+
+    from recon.export.obj import atomic_write_bytes, default_file_mode
+
+    atomic_write_bytes(tmp_path / "a.txt", b"x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == default_file_mode()
+    umask = os.umask(0o022)
+    try:
+        assert default_file_mode() == 0o644
+    finally:
+        os.umask(umask)
