@@ -52,7 +52,9 @@ def geometry_metrics(mesh, gt_mesh, n_samples: int = 100_000, thresholds=(0.005,
 
     chamfer_l1: mean of the two directed mean nearest-neighbour distances, / GT bbox diagonal.
     chamfer_l2: same with squared distances, / diagonal^2. normal_consistency: mean |cos| between each
-    sample's normal and its nearest neighbour's, both directions. fscore@t: harmonic mean of precision
+    sample's normal and its nearest neighbour's, both directions. Distances are between sample sets, so two
+    different triangulations of one surface score a small floor (about 0.0015 of the diagonal for an object
+    like the built-in scene at 100k samples); identical meshes score exactly 0 (same sampling seed). fscore@t: harmonic mean of precision
     (pred samples within t*diag of GT) and recall (GT samples within t*diag of pred).
     """
     from scipy.spatial import cKDTree
