@@ -1,8 +1,6 @@
 """The built-in scene is a real reconstruction test and is generated correctly."""
 import json
 
-import imageio.v3 as iio
-import numpy as np
 import torch
 import trimesh
 

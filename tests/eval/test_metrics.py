@@ -27,8 +27,10 @@ def test_ssim_identical_and_degraded():
 
 
 def test_iou():
-    a = np.zeros((4, 4)); a[:2] = 1
-    b = np.zeros((4, 4)); b[1:3] = 1
+    a = np.zeros((4, 4))
+    a[:2] = 1
+    b = np.zeros((4, 4))
+    b[1:3] = 1
     assert silhouette_iou(a, b) == 4 / 12 and silhouette_iou(a, a) == 1.0 and silhouette_iou(a * 0, a * 0) == 1.0
 
 
@@ -39,7 +41,8 @@ def test_chamfer_identical_is_zero_and_shift_is_distance():
     assert abs(m["normal_consistency"] - 1) < 1e-12
     plane = trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], [[0, 1, 2], [0, 2, 3]])
     d = 0.02
-    shifted = plane.copy(); shifted.apply_translation([0, 0, d])
+    shifted = plane.copy()
+    shifted.apply_translation([0, 0, d])
     m = geometry_metrics(shifted, plane, n_samples=20_000)
     diag = math.sqrt(2)
     assert abs(m["chamfer_l1"] - d / diag) < 1e-9 and abs(m["chamfer_l2"] - (d / diag) ** 2) < 1e-9

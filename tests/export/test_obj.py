@@ -1,5 +1,4 @@
 """OBJ export: round trip through trimesh, UV convention, atomic writes, baking."""
-import numpy as np
 import pytest
 import torch
 import trimesh
