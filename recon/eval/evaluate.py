@@ -102,7 +102,9 @@ def evaluate_run(
 
 
 def format_table(metrics: dict) -> str:
-    rows = [("views", str(metrics["n_views"])), ("PSNR (dB)", f"{metrics['psnr']:.2f}" if isinstance(metrics["psnr"], float) else str(metrics["psnr"])),
+    """A two-column text table of the main metrics."""
+    p = metrics["psnr"]
+    rows = [("views", str(metrics["n_views"])), ("PSNR (dB)", f"{p:.2f}" if isinstance(p, float) else str(p)),
             ("SSIM", f"{metrics['ssim']:.4f}"), ("silhouette IoU", f"{metrics['iou']:.4f}"),
             ("triangles", str(metrics["triangles"]))]
     g = metrics.get("geometry")
