@@ -1,4 +1,4 @@
-"""LightningDataModule over NeRF-synthetic frames (any directory in that layout, or the built-in scene)."""
+"""LightningDataModule over posed frames: NeRF-synthetic, nerfstudio / instant-ngp or LLFF directories, or the built-in scene."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,29 @@ import torch
 from torch.utils.data import DataLoader
 
 from recon.data.frames import DataError, FrameDataset, Frames
+from recon.data.llff import load_llff
 from recon.data.nerf_synthetic import load_nerf_synthetic
+from recon.data.nerfstudio import load_nerfstudio
+
+FORMATS = {  # format name -> the file that marks a directory of that format, in detection order
+    "nerf_synthetic": "transforms_train.json",
+    "nerfstudio": "transforms.json",
+    "llff": "poses_bounds.npy",
+}
+
+
+def detect_format(root: Path) -> str:
+    """The format of a scene directory, from the file that marks it (see FORMATS)."""
+    if not root.is_dir():
+        raise DataError(f"data.path={str(root)!r} is not a directory. Point it at a scene folder.")
+    for name, marker in FORMATS.items():
+        if (root / marker).is_file():
+            return name
+    looked = ", ".join(f"{m} ({n})" for n, m in FORMATS.items())
+    raise DataError(
+        f"cannot tell the format of {root}: it holds none of {looked}. Point data.path at a scene directory, or "
+        f"set data.format to one of {', '.join(FORMATS)}."
+    )
 
 
 def _as_hw(resolution) -> tuple[int, int] | None:
@@ -25,7 +47,9 @@ def _as_hw(resolution) -> tuple[int, int] | None:
 class NeRFDataModule(L.LightningDataModule):
     """Train/val/test frames for reconstruction.
 
-    path: a NeRF-synthetic directory; None uses the built-in scene (generated on first use at ``resolution``).
+    path: a scene directory; None uses the built-in scene (generated on first use at ``resolution``).
+    format: auto | nerf_synthetic | nerfstudio | llff; auto picks by the marker file (transforms_train.json,
+    transforms.json, poses_bounds.npy, in that order).
     resolution: int or [H, W]; frames are resampled to it (None keeps the files' size).
     batch_size: views per training step. background_color: sRGB backdrop of RGB-only images (mask from colour).
     resident: keep every frame on the training device and batch by index there (no per-step host copies);
@@ -42,9 +66,13 @@ class NeRFDataModule(L.LightningDataModule):
         num_workers: int = 0,
         builtin: dict | None = None,
         resident: bool = True,
+        format: str = "auto",
     ):
         super().__init__()
+        if format != "auto" and format not in FORMATS:
+            raise DataError(f"data.format={format!r} is not one of auto, {', '.join(FORMATS)}.")
         self.path = path
+        self.format = format
         self.resolution = _as_hw(resolution)
         self.batch_size = int(batch_size)
         if self.batch_size <= 0:
@@ -70,7 +98,11 @@ class NeRFDataModule(L.LightningDataModule):
 
     def load_split(self, split: str) -> Frames:
         if split not in self.frames:
-            frames = load_nerf_synthetic(self.scene_dir(), split, self.background_color, self.mask_tolerance)
+            root = self.scene_dir()
+            fmt = "nerf_synthetic" if not self.path else self.format if self.format != "auto" else detect_format(root)
+            reader = {"nerf_synthetic": load_nerf_synthetic, "nerfstudio": load_nerfstudio, "llff": load_llff}[fmt]
+            kwargs = {"background_color": self.background_color, "mask_tolerance": self.mask_tolerance}
+            frames = reader(root, split, **kwargs)
             if self.resolution is not None:
                 frames = frames.resized(self.resolution)
             self.frames[split] = frames

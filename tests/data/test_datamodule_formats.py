@@ -1,0 +1,49 @@
+"""NeRFDataModule format detection: each layout picks its reader and yields batches; unknown layouts fail clearly."""
+import pytest
+import torch
+
+from recon.data.datamodule import NeRFDataModule
+from recon.data.frames import DataError
+from recon.data.synthetic_scene import builtin_scene
+from test_llff import write_llff
+from test_nerfstudio import write_nerfstudio
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return builtin_scene(resolution=32, n_train=6, n_val=1, n_test=2,
+                         cache_dir=tmp_path_factory.getbasetemp() / "builtin", backend="torch")
+
+
+@pytest.mark.parametrize("fmt", ["nerf_synthetic", "nerfstudio", "llff"])
+def test_auto_detects_format_and_yields_batches(scene, tmp_path, fmt, monkeypatch):
+    root = {"nerf_synthetic": lambda: scene, "nerfstudio": lambda: write_nerfstudio(scene, tmp_path / "ns"),
+            "llff": lambda: write_llff(scene, tmp_path / "llff")}[fmt]()
+    import recon.data.datamodule as dm
+
+    called = []
+    reader = {"nerf_synthetic": "load_nerf_synthetic", "nerfstudio": "load_nerfstudio", "llff": "load_llff"}[fmt]
+    original = getattr(dm, reader)
+    monkeypatch.setattr(dm, reader, lambda *a, **k: called.append(fmt) or original(*a, **k))
+    data = NeRFDataModule(path=str(root), resolution=16, batch_size=2, resident=False)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert called and batch["img"].shape == (2, 16, 16, 4) and batch["mvp"].shape == (2, 4, 4)
+    assert torch.isfinite(batch["mvp"]).all()
+    assert len(next(iter(data.val_dataloader()))["img"]) == 1
+
+
+def test_explicit_format_overrides_detection(scene, tmp_path):
+    root = write_nerfstudio(scene, tmp_path)
+    with pytest.raises(DataError, match=r"poses_bounds\.npy not found"):
+        NeRFDataModule(path=str(root), format="llff").load_split("train")
+
+
+def test_unknown_layout_lists_what_was_looked_for(tmp_path):
+    with pytest.raises(DataError, match=r"holds none of transforms_train\.json.*transforms\.json.*poses_bounds\.npy"):
+        NeRFDataModule(path=str(tmp_path)).load_split("train")
+
+
+def test_unknown_format_name():
+    with pytest.raises(DataError, match=r"data.format='colmap' is not one of auto, nerf_synthetic, nerfstudio, llff"):
+        NeRFDataModule(format="colmap")
