@@ -1,12 +1,12 @@
 """NeRFDataModule format detection: each layout picks its reader and yields batches; unknown layouts fail clearly."""
 import pytest
 import torch
+from test_llff import write_llff
+from test_nerfstudio import write_nerfstudio
 
 from recon.data.datamodule import NeRFDataModule
 from recon.data.frames import DataError
 from recon.data.synthetic_scene import builtin_scene
-from test_llff import write_llff
-from test_nerfstudio import write_nerfstudio
 
 
 @pytest.fixture(scope="module")
