@@ -42,7 +42,10 @@ class MeshExport(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()
         dm = trainer.datamodule
-        info = {"data_dir": str(Path(dm.scene_dir()).resolve()), "resolution": list(dm.resolution) if dm.resolution else None}
+        info = {"data_dir": str(Path(dm.scene_dir()).resolve()), "format": dm.format if dm.path else "nerf_synthetic",
+                "resolution": list(dm.resolution) if dm.resolution else None,
+                "background_color": list(dm.background_color) if dm.background_color else None,
+                "mask_tolerance": dm.mask_tolerance}
         atomic_write_bytes(self.out_dir / RUN_INFO, json.dumps(info, indent=2).encode())
 
     @rank_zero_only

@@ -8,29 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from recon.data.frames import DataError, FrameDataset, Frames
-from recon.data.llff import load_llff
-from recon.data.nerf_synthetic import load_nerf_synthetic
-from recon.data.nerfstudio import load_nerfstudio
-
-FORMATS = {  # format name -> the file that marks a directory of that format, in detection order
-    "nerf_synthetic": "transforms_train.json",
-    "nerfstudio": "transforms.json",
-    "llff": "poses_bounds.npy",
-}
-
-
-def detect_format(root: Path) -> str:
-    """The format of a scene directory, from the file that marks it (see FORMATS)."""
-    if not root.is_dir():
-        raise DataError(f"data.path={str(root)!r} is not a directory. Point it at a scene folder.")
-    for name, marker in FORMATS.items():
-        if (root / marker).is_file():
-            return name
-    looked = ", ".join(f"{m} ({n})" for n, m in FORMATS.items())
-    raise DataError(
-        f"cannot tell the format of {root}: it holds none of {looked}. Point data.path at a scene directory, or "
-        f"set data.format to one of {', '.join(FORMATS)}."
-    )
+from recon.data.sources import FORMATS, load_frames
 
 
 def _as_hw(resolution) -> tuple[int, int] | None:
@@ -98,11 +76,8 @@ class NeRFDataModule(L.LightningDataModule):
 
     def load_split(self, split: str) -> Frames:
         if split not in self.frames:
-            root = self.scene_dir()
-            fmt = "nerf_synthetic" if not self.path else self.format if self.format != "auto" else detect_format(root)
-            reader = {"nerf_synthetic": load_nerf_synthetic, "nerfstudio": load_nerfstudio, "llff": load_llff}[fmt]
-            kwargs = {"background_color": self.background_color, "mask_tolerance": self.mask_tolerance}
-            frames = reader(root, split, **kwargs)
+            fmt = self.format if self.path else "nerf_synthetic"  # the built-in scene is NeRF-synthetic
+            frames = load_frames(self.scene_dir(), split, fmt, self.background_color, self.mask_tolerance)
             if self.resolution is not None:
                 frames = frames.resized(self.resolution)
             self.frames[split] = frames

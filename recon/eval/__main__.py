@@ -8,7 +8,7 @@ from recon.eval.evaluate import evaluate_run, format_table
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m recon.eval", description=__doc__)
     p.add_argument("run_dir")
-    p.add_argument("--data", default=None, help="NeRF-synthetic directory (default: the one the run trained on)")
+    p.add_argument("--data", default=None, help="scene directory (default: the one the run was fitted to)")
     p.add_argument("--gt-mesh", default=None, help="ground-truth mesh for geometry metrics (default: DATA/gt_mesh.ply)")
     p.add_argument("--split", default="test")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "nvdiffrast"])

@@ -15,7 +15,7 @@ import torch
 
 from recon.color import linear_to_srgb
 from recon.data.frames import DataError, FrameDataset
-from recon.data.nerf_synthetic import load_nerf_synthetic
+from recon.data.sources import load_frames
 from recon.eval.metrics import geometry_metrics, psnr, silhouette_iou, ssim
 from recon.export.obj import atomic_write_bytes, load_textured_obj
 
@@ -50,12 +50,13 @@ def evaluate_run(
     info = read_run_info(run_dir)
     data = Path(data) if data is not None else (Path(info["data_dir"]) if "data_dir" in info else None)
     if data is None:
-        raise DataError(f"no data set known for {run_dir}: pass --data PATH (a NeRF-synthetic directory).")
+        raise DataError(f"no data set known for {run_dir}: pass --data PATH (the scene directory it was fitted to).")
     device = device or ("cuda" if torch.cuda.is_available() and backend != "torch" else "cpu")
     mesh, texture = load_textured_obj(run_dir / "mesh.obj", device)
     if texture is None:
         raise DataError(f"{run_dir / 'mesh.obj'} has no map_Kd texture: the export is incomplete.")
-    frames = load_nerf_synthetic(data, split)
+    frames = load_frames(data, split, info.get("format", "auto"), info.get("background_color"),
+                         info.get("mask_tolerance", 0.02))
     if len(frames) == 0:
         raise DataError(f"the {split} split of {data} has no frames.")
     if info.get("resolution"):

@@ -19,12 +19,11 @@ def scene(tmp_path_factory):
 def test_auto_detects_format_and_yields_batches(scene, tmp_path, fmt, monkeypatch):
     root = {"nerf_synthetic": lambda: scene, "nerfstudio": lambda: write_nerfstudio(scene, tmp_path / "ns"),
             "llff": lambda: write_llff(scene, tmp_path / "llff")}[fmt]()
-    import recon.data.datamodule as dm
+    import recon.data.sources as sources
 
     called = []
-    reader = {"nerf_synthetic": "load_nerf_synthetic", "nerfstudio": "load_nerfstudio", "llff": "load_llff"}[fmt]
-    original = getattr(dm, reader)
-    monkeypatch.setattr(dm, reader, lambda *a, **k: called.append(fmt) or original(*a, **k))
+    original = sources.READERS[fmt]
+    monkeypatch.setitem(sources.READERS, fmt, lambda *a, **k: called.append(fmt) or original(*a, **k))
     data = NeRFDataModule(path=str(root), resolution=16, batch_size=2, resident=False)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
