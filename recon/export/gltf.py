@@ -1,0 +1,196 @@
+"""glTF 2.0 binary (.glb) export of a textured mesh with a PBR metallic-roughness material, written atomically."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from recon.export.obj import atomic_write_bytes, png_bytes, texture_to_srgb8
+from recon.geometry.mesh import Mesh, compute_tangents, vertex_normals
+
+# glTF 2.0 enums (spec section 5: accessor.componentType, bufferView.target, sampler filters and wraps).
+FLOAT, UNSIGNED_INT = 5126, 5125
+ARRAY_BUFFER, ELEMENT_ARRAY_BUFFER = 34962, 34963
+LINEAR, LINEAR_MIPMAP_LINEAR, REPEAT = 9729, 9987, 10497
+TRIANGLES = 4
+
+GLB_MAGIC, GLB_VERSION = 0x46546C67, 2  # b"glTF"
+CHUNK_JSON, CHUNK_BIN = 0x4E4F534A, 0x004E4942  # b"JSON", b"BIN\0"
+
+
+def split_uv_seams(mesh: Mesh) -> tuple[Tensor, Tensor, Tensor]:
+    """One vertex per distinct (position index, uv index) corner, as glTF has a single index buffer.
+
+    Returns ``pos_index [Nc]`` (into ``mesh.verts``/``mesh.normals``), ``uv_index [Nc]`` (into ``mesh.uv``)
+    and ``faces [Nf,3] int64`` indexing the Nc split vertices.
+    """
+    faces = mesh.faces.detach().cpu().long()
+    uv_faces = faces if mesh.uv_faces is None else mesh.uv_faces.detach().cpu().long()
+    corners = torch.stack([faces.reshape(-1), uv_faces.reshape(-1)], dim=1)
+    pairs, inverse = torch.unique(corners, dim=0, return_inverse=True)
+    return pairs[:, 0], pairs[:, 1], inverse.reshape(-1, 3)
+
+
+def gltf_tangents(pos: Tensor, faces: Tensor, uv: Tensor, normals: Tensor) -> Tensor:
+    """glTF TANGENT ``[Nc,4]`` of a mesh with one uv per vertex: xyz along increasing u, w = +-1.
+
+    glTF's bitangent is ``cross(normal, tangent.xyz) * w`` and its normal maps have +Y up the image, i.e.
+    towards decreasing v (v runs down the rows); w picks the sign that makes the bitangent point that way.
+    """
+    tangents = compute_tangents(pos, faces, uv, None, normals)
+    p0, p1, p2 = (pos[faces[:, i]] for i in range(3))
+    t0, t1, t2 = (uv[faces[:, i]] for i in range(3))
+    du1, dv1 = (t1 - t0).unbind(-1)
+    du2, dv2 = (t2 - t0).unbind(-1)
+    det = du1 * dv2 - du2 * dv1
+    # dP/dv from p1-p0 = T du1 + B dv1, p2-p0 = T du2 + B dv2; only its direction matters, so scale by sign(det).
+    dpdv = ((p2 - p0) * du1[:, None] - (p1 - p0) * du2[:, None]) * torch.sign(det)[:, None]
+    acc = torch.zeros_like(pos)
+    for corner in range(3):
+        acc = acc.index_add(0, faces[:, corner], dpdv)
+    w = torch.where((torch.linalg.cross(normals, tangents, dim=-1) * -acc).sum(-1) < 0, -1.0, 1.0)
+    return torch.cat([tangents, w.to(pos.dtype)[:, None]], dim=-1)
+
+
+def _linear8(image: Tensor) -> np.ndarray:
+    """[H,W,3] values in [0,1] -> uint8, no transfer curve (glTF stores ORM and normal maps linearly)."""
+    return (image.detach().float().clamp(0, 1) * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def _image(image: Tensor, name: str) -> Tensor:
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3 or image.shape[-1] != 3:
+        raise ValueError(f"write_glb: {name} must be [H,W,3] (got {tuple(image.shape)}).")
+    return image.detach().float().cpu()
+
+
+class _BinBuilder:
+    """Accumulates bufferViews in the BIN chunk, each starting on a 4-byte boundary."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.views: list[dict] = []
+
+    def add(self, payload: bytes, target: int | None = None) -> int:
+        self.data += b"\0" * (-len(self.data) % 4)
+        view = {"buffer": 0, "byteOffset": len(self.data), "byteLength": len(payload)}
+        if target is not None:
+            view["target"] = target  # tightly packed, one accessor per view: no byteStride needed
+        self.data += payload
+        self.views.append(view)
+        return len(self.views) - 1
+
+
+def glb_bytes(
+    mesh: Mesh,
+    kd_linear: Tensor,
+    orm_linear: Tensor | None = None,
+    normal_ts: Tensor | None = None,
+) -> bytes:
+    """The bytes of a .glb file: see :func:`write_glb`."""
+    if mesh.uv is None:
+        raise ValueError("write_glb needs texture coordinates: this mesh has uv=None (UV-unwrap it first, "
+                         "recon.export.uv_bake.unwrap).")
+    if mesh.faces.shape[0] == 0:
+        raise ValueError("write_glb: the mesh has no faces.")
+    mesh = mesh.detach().to("cpu")
+    normals = mesh.normals if mesh.normals is not None else vertex_normals(mesh.verts.float(), mesh.faces)
+    pos_index, uv_index, faces = split_uv_seams(mesh)
+
+    pos = mesh.verts[pos_index].to(torch.float64).numpy().astype(np.float32)
+    nrm = normals[pos_index].to(torch.float64)
+    nrm = nrm / nrm.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # the validator wants unit length in float32
+    nrm = nrm.numpy().astype(np.float32)
+    uv = mesh.uv[uv_index].to(torch.float64).numpy().astype(np.float32)  # recon's v goes down the rows, as glTF's
+    idx = faces.numpy().astype(np.uint32).reshape(-1)
+    attributes = {"POSITION": 0, "NORMAL": 1, "TEXCOORD_0": 2}
+
+    bin_ = _BinBuilder()
+    accessors = [
+        {"bufferView": bin_.add(pos.tobytes(), ARRAY_BUFFER), "componentType": FLOAT, "count": len(pos),
+         "type": "VEC3", "min": pos.min(0).tolist(), "max": pos.max(0).tolist()},
+        {"bufferView": bin_.add(nrm.tobytes(), ARRAY_BUFFER), "componentType": FLOAT, "count": len(nrm), "type": "VEC3"},
+        {"bufferView": bin_.add(uv.tobytes(), ARRAY_BUFFER), "componentType": FLOAT, "count": len(uv), "type": "VEC2"},
+        {"bufferView": bin_.add(idx.tobytes(), ELEMENT_ARRAY_BUFFER), "componentType": UNSIGNED_INT,
+         "count": len(idx), "type": "SCALAR"},
+    ]
+    if normal_ts is not None:  # a normal map needs a tangent space; ship it rather than leave it to the viewer
+        tan = gltf_tangents(torch.from_numpy(pos).double(), faces, torch.from_numpy(uv).double(), torch.from_numpy(nrm).double())
+        tan = tan.numpy().astype(np.float32)
+        accessors.append({"bufferView": bin_.add(tan.tobytes(), ARRAY_BUFFER), "componentType": FLOAT,
+                          "count": len(tan), "type": "VEC4"})
+        attributes["TANGENT"] = len(accessors) - 1
+
+    images: list[dict] = []
+
+    def add_texture(image_uint8: np.ndarray, name: str) -> int:
+        images.append({"bufferView": bin_.add(png_bytes(image_uint8)), "mimeType": "image/png", "name": name})
+        return len(images) - 1  # texture i uses image i
+
+    pbr: dict = {"baseColorTexture": {"index": add_texture(texture_to_srgb8(_image(kd_linear, "kd_linear")), "kd")}}
+    material: dict = {"name": "recon_material", "pbrMetallicRoughness": pbr}
+    if orm_linear is not None:
+        # glTF reads occlusion from R, roughness from G, metallic from B: recon's ORM order, one image for both.
+        orm = add_texture(_linear8(_image(orm_linear, "orm_linear")), "orm")
+        pbr["metallicRoughnessTexture"] = {"index": orm}
+        material["occlusionTexture"] = {"index": orm}
+    else:
+        pbr["metallicFactor"] = 0.0  # a baked albedo without ORM: dielectric, fully rough (the default)
+    if normal_ts is not None:
+        material["normalTexture"] = {"index": add_texture(_linear8(_image(normal_ts, "normal_ts") * 0.5 + 0.5), "normal")}
+
+    gltf = {
+        "asset": {"version": "2.0", "generator": "recon"},
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0, "name": "recon_mesh"}],
+        "meshes": [{"name": "recon_mesh", "primitives": [{
+            "attributes": attributes,
+            "indices": 3, "material": 0, "mode": TRIANGLES,
+        }]}],
+        "materials": [material],
+        "textures": [{"sampler": 0, "source": i} for i in range(len(images))],
+        "samplers": [{"magFilter": LINEAR, "minFilter": LINEAR_MIPMAP_LINEAR, "wrapS": REPEAT, "wrapT": REPEAT}],
+        "images": images,
+        "accessors": accessors,
+        "bufferViews": bin_.views,
+        "buffers": [{"byteLength": 0}],
+    }
+    bin_data = bytes(bin_.data) + b"\0" * (-len(bin_.data) % 4)  # BIN chunk padded with zeros
+    gltf["buffers"][0]["byteLength"] = len(bin_data)
+    json_data = json.dumps(gltf, separators=(",", ":")).encode()
+    json_data += b" " * (-len(json_data) % 4)  # JSON chunk padded with spaces
+    total = 12 + 8 + len(json_data) + 8 + len(bin_data)
+    return b"".join([
+        struct.pack("<III", GLB_MAGIC, GLB_VERSION, total),
+        struct.pack("<II", len(json_data), CHUNK_JSON), json_data,
+        struct.pack("<II", len(bin_data), CHUNK_BIN), bin_data,
+    ])
+
+
+def write_glb(
+    path: str | Path,
+    mesh: Mesh,
+    kd_linear: Tensor,
+    orm_linear: Tensor | None = None,
+    normal_ts: Tensor | None = None,
+) -> Path:
+    """Write ``mesh`` as a glTF 2.0 binary: one mesh, one primitive, one PBR metallic-roughness material.
+
+    mesh: needs ``uv``/``uv_faces`` (recon's convention, v down the texture rows, which is glTF's: UVs are
+    written unchanged); vertices are split at UV seams. Normals are computed when ``mesh.normals`` is None.
+    kd_linear: [H,W,3] albedo, linear RGB in [0,1], stored as an sRGB PNG (baseColorTexture).
+    orm_linear: [H,W,3] occlusion, roughness, metallic in [0,1], stored linearly as one PNG used as both
+    metallicRoughnessTexture and occlusionTexture. Without it the material is dielectric (metallicFactor 0).
+    normal_ts: [H,W,3] tangent-space unit normals in [-1,1], stored as (n + 1) / 2 (normalTexture): x along
+    increasing u, y up the image (decreasing v), z out of the surface; TANGENT is then written (see gltf_tangents).
+    The file is written atomically. Returns ``path``.
+    """
+    path = Path(path)
+    atomic_write_bytes(path, glb_bytes(mesh, kd_linear, orm_linear, normal_ts))
+    return path
