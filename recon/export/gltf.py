@@ -42,6 +42,10 @@ def gltf_tangents(pos: Tensor, faces: Tensor, uv: Tensor, normals: Tensor) -> Te
     towards decreasing v (v runs down the rows); w picks the sign that makes the bitangent point that way.
     """
     tangents = compute_tangents(pos, faces, uv, None, normals)
+    # Vertices only on zero-area UV triangles get no tangent: any unit vector orthogonal to the normal will do.
+    axis = torch.where(normals[:, :1].abs() < 0.9, normals.new_tensor([1.0, 0.0, 0.0]), normals.new_tensor([0.0, 1.0, 0.0]))
+    fallback = torch.nn.functional.normalize(torch.linalg.cross(normals, axis, dim=-1), dim=-1)
+    tangents = torch.where(tangents.norm(dim=-1, keepdim=True) > 0.5, tangents, fallback)
     p0, p1, p2 = (pos[faces[:, i]] for i in range(3))
     t0, t1, t2 = (uv[faces[:, i]] for i in range(3))
     du1, dv1 = (t1 - t0).unbind(-1)

@@ -228,3 +228,24 @@ def test_khronos_validator(tmp_path, mesh, with_maps):
     assert out.returncode == 0, out.stderr
     issues = json.loads(out.stdout)
     assert issues["numErrors"] == 0 and issues["numWarnings"] == 0, issues["messages"]
+
+
+def test_tangents_unit_on_degenerate_uv_triangles(tmp_path):
+    """A chart collapsed to one uv point still gets unit tangents orthogonal to the normals (the validator requires it)."""
+    verts = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [2, 1, 0]], dtype=torch.float32)
+    faces = torch.tensor([[0, 1, 2], [1, 3, 2], [3, 4, 2]])
+    uv = torch.tensor([[0.1, 0.9], [0.9, 0.9], [0.1, 0.1], [0.9, 0.1]])
+    uv_faces = torch.tensor([[0, 1, 2], [1, 3, 2], [3, 3, 3]])  # the last face maps to one point
+    _, normal_ts = maps()
+    gltf, bin_chunk, _ = read_glb(write_glb(tmp_path / "m.glb", Mesh(verts, faces, uv=uv, uv_faces=uv_faces), two_colour(),
+                                            normal_ts=normal_ts))
+    attrs = gltf["meshes"][0]["primitives"][0]["attributes"]
+    tan, nrm = accessor(gltf, bin_chunk, attrs["TANGENT"]), accessor(gltf, bin_chunk, attrs["NORMAL"])
+    assert len(tan) == 6  # vertex 2 and 3 appear with two uvs each
+    np.testing.assert_allclose(np.linalg.norm(tan[:, :3], axis=1), 1, atol=1e-6)
+    assert np.abs((tan[:, :3] * nrm).sum(1)).max() < 1e-5
+    # a proper chart: u along +x, v (down the image) along -y, so the bitangent (up the image) is +y
+    first = accessor(gltf, bin_chunk, gltf["meshes"][0]["primitives"][0]["indices"]).reshape(-1, 3)[0]
+    np.testing.assert_allclose(tan[first, :3], [[1, 0, 0]] * 3, atol=1e-6)
+    bitangent = np.cross(nrm[first], tan[first, :3]) * tan[first, 3:]
+    np.testing.assert_allclose(bitangent, [[0, 1, 0]] * 3, atol=1e-6)
