@@ -1,0 +1,319 @@
+"""Learnable HDR environment light (nvdiffrec): cube map, GGX-prefiltered mip chain, split-sum shading.
+
+Cube-map convention (OpenGL, as nvdiffrast's boundary_mode='cube'): faces are ordered +x,-x,+y,-y,+z,-z and
+`cube[f, row, col]` sits at face coordinates s = (col+0.5)/R, t = (row+0.5)/R, with (a = 2s-1, b = 2t-1):
+    +x: ( 1, -b, -a)   -x: (-1, -b,  a)   +y: ( a,  1,  b)
+    -y: ( a, -1, -b)   +z: ( a, -b,  1)   -z: (-a, -b, -1)
+Lat-long images are [H,2H,C], row 0 looking up (+y), column 0 and 2H-1 looking along +z, the centre along -z
+(nvdiffrec's probe.hdr layout): dir = (sin(theta) sin(phi), cos(theta), -sin(theta) cos(phi)).
+Everything here is plain torch, differentiable w.r.t. the cube, on whatever device the module lives.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from recon.light.bsdf import ggx_lut, ggx_ndf, hammersley, importance_sample_ggx, lookup_lut
+
+# Row f: the (x, y, z) direction of face f is sum_k M[f,k] * (a, b, 1)[k].
+_FACE_AXES = torch.tensor(
+    [
+        [[0, 0, 1], [0, -1, 0], [-1, 0, 0]],
+        [[0, 0, -1], [0, -1, 0], [1, 0, 0]],
+        [[1, 0, 0], [0, 0, 1], [0, 1, 0]],
+        [[1, 0, 0], [0, 0, -1], [0, -1, 0]],
+        [[1, 0, 0], [0, -1, 0], [0, 0, 1]],
+        [[-1, 0, 0], [0, -1, 0], [0, 0, -1]],
+    ],
+    dtype=torch.float32,
+)  # [6, 3 (x,y,z), 3 (a,b,1)]
+
+
+def _normalize(v: Tensor, eps: float = 1e-20) -> Tensor:
+    return v * torch.rsqrt((v * v).sum(-1, keepdim=True).clamp_min(eps))
+
+
+def cube_to_dir(res: int, device: torch.device | str | None = None, face: int | None = None) -> Tensor:
+    """Unit directions through texel centres: [6,R,R,3] (or [R,R,3] for one `face` index), float32."""
+    c = (torch.arange(res, dtype=torch.float32, device=device) + 0.5) / res * 2 - 1
+    b, a = torch.meshgrid(c, c, indexing="ij")
+    abc = torch.stack((a, b, torch.ones_like(a)), dim=-1)  # [R,R,3]
+    axes = _FACE_AXES.to(device)
+    dirs = torch.einsum("fij,hwj->fhwi", axes, abc)
+    dirs = _normalize(dirs)
+    return dirs if face is None else dirs[face]
+
+
+def dir_to_cube(dirs: Tensor) -> tuple[Tensor, Tensor]:
+    """Directions [...,3] (any length > 0) -> face index [...] int64 and (s, t) [...,2] in [0,1] (s: column)."""
+    x, y, z = dirs.unbind(-1)
+    ax, ay, az = x.abs(), y.abs(), z.abs()
+    # Ties go to x, then y (a fixed, deterministic rule for directions on cube edges).
+    is_x = (ax >= ay) & (ax >= az)
+    is_y = ~is_x & (ay >= az)
+    face = torch.where(is_x, (x < 0).long(), torch.where(is_y, 2 + (y < 0).long(), 4 + (z < 0).long()))
+    ma = torch.where(is_x, ax, torch.where(is_y, ay, az)).clamp_min(1e-20)
+    sc = torch.where(is_x, torch.where(x >= 0, -z, z), torch.where(is_y, x, torch.where(z >= 0, x, -x)))
+    tc = torch.where(is_x, -y, torch.where(is_y, torch.where(y >= 0, z, -z), -y))
+    uv = torch.stack(((sc / ma + 1) * 0.5, (tc / ma + 1) * 0.5), dim=-1)
+    return face, uv
+
+
+def sample_cube(cube: Tensor, dirs: Tensor) -> Tensor:
+    """Bilinear lookup of cube [6,R,R,C] along dirs [...,3] -> [...,C]; differentiable w.r.t. cube.
+
+    Filtering stays inside the face the direction hits, clamped at its border: within half a texel of a cube
+    edge the result is the edge texel row rather than a blend across faces (nvdiffrast's 'cube' mode blends),
+    a seam error that shrinks with resolution and that the GGX prefilter and diffuse convolution smooth over.
+    """
+    res, ch = cube.shape[1], cube.shape[-1]
+    face, uv = dir_to_cube(dirs.detach())
+    p = (uv * res - 0.5).clamp(0, res - 1)
+    p0 = p.floor().long().clamp(max=max(res - 2, 0))
+    f = (p - p0).to(cube.dtype)
+    p1 = (p0 + 1).clamp(max=res - 1)
+    flat = cube.reshape(-1, ch)
+    base = face * (res * res)
+    fx, fy = f[..., 0], f[..., 1]
+    x0, y0, x1, y1 = p0[..., 0], p0[..., 1], p1[..., 0], p1[..., 1]
+    idx = torch.stack((y0 * res + x0, y0 * res + x1, y1 * res + x0, y1 * res + x1), dim=-1) + base[..., None]
+    w = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), dim=-1)
+    return (flat[idx] * w[..., None]).sum(-2)  # one gather of the 4 taps: [...,4,C]
+
+
+def cube_texel_solid_angle(res: int, device: torch.device | str | None = None) -> Tensor:
+    """Exact solid angle of each texel of a res^2 cube face: [R,R] sr (six faces sum to 4*pi)."""
+    e = torch.linspace(-1, 1, res + 1, dtype=torch.float64, device=device)
+
+    def area(x: Tensor, y: Tensor) -> Tensor:  # solid angle of the face rectangle [0,x]x[0,y]
+        return torch.atan2(x * y, torch.sqrt(x * x + y * y + 1))
+
+    y, x = torch.meshgrid(e, e, indexing="ij")
+    a = area(x, y)
+    return (a[1:, 1:] - a[:-1, 1:] - a[1:, :-1] + a[:-1, :-1]).abs().float()
+
+
+def avg_pool_cube(cube: Tensor) -> Tensor:
+    """2x2 average pooling of every face: [6,R,R,C] -> [6,R/2,R/2,C]."""
+    f, r, _, c = cube.shape
+    return cube.reshape(f, r // 2, 2, r // 2, 2, c).mean(dim=(2, 4))
+
+
+def _tangent_frame(n: Tensor) -> tuple[Tensor, Tensor]:
+    """Two unit tangents orthogonal to unit normals n [...,3] (branchless frame of Duff et al. 2017)."""
+    x, y, z = n.unbind(-1)
+    sign = torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+    a = -1 / (sign + z)
+    b = x * y * a
+    t = torch.stack((1 + sign * x * x * a, sign * b, -sign * x), dim=-1)
+    bt = torch.stack((b, sign + y * y * a, -y), dim=-1)
+    return t, bt
+
+
+def latlong_dirs(height: int, device: torch.device | str | None = None) -> Tensor:
+    """Directions through the pixel centres of a [H,2H] lat-long image: [H,2H,3]."""
+    theta = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height * math.pi
+    phi = ((torch.arange(2 * height, dtype=torch.float32, device=device) + 0.5) / height - 1) * math.pi
+    theta, phi = torch.meshgrid(theta, phi, indexing="ij")
+    return torch.stack((theta.sin() * phi.sin(), theta.cos(), -theta.sin() * phi.cos()), dim=-1)
+
+
+def sample_latlong(img: Tensor, dirs: Tensor) -> Tensor:
+    """Bilinear lookup of a lat-long image [H,W,C] along dirs [...,3] -> [...,C] (wraps in longitude)."""
+    h, w, ch = img.shape
+    d = _normalize(dirs)
+    u = torch.atan2(d[..., 0], -d[..., 2]) / (2 * math.pi) + 0.5
+    v = torch.acos(d[..., 1].clamp(-1, 1)) / math.pi
+    x = u * w - 0.5
+    y = (v * h - 0.5).clamp(0, h - 1)
+    x0, y0 = x.floor(), y.floor().clamp(max=max(h - 2, 0))
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    x0 = x0.long() % w
+    x1 = (x0 + 1) % w
+    y0 = y0.long()
+    y1 = (y0 + 1).clamp(max=h - 1)
+    return (img[y0, x0] * (1 - fx) + img[y0, x1] * fx) * (1 - fy) + (img[y1, x0] * (1 - fx) + img[y1, x1] * fx) * fy
+
+
+class EnvironmentLight(nn.Module):
+    """nvdiffrec's learnable environment light: an HDR cube map shading with the split-sum approximation.
+
+    Call `build_mips()` after every change of `base` (once per optimiser step) and before `shade()`.
+    Mip level l of the specular chain has resolution base_res / 2^l down to min_res (L levels). Level 0 is the
+    raw base map (standing in for min_roughness, whose lobe is a few texels wide at 512^2); levels 1..L-2 are
+    GGX-prefiltered for roughness linearly spaced in [min_roughness, max_roughness]; the last level holds
+    roughness 1, and roughness between max_roughness and 1 interpolates towards it (nvdiffrec's `get_mip`).
+    """
+
+    def __init__(
+        self,
+        base_res: int = 512,
+        min_res: int = 16,
+        min_roughness: float = 0.08,
+        max_roughness: float = 0.5,
+        init: str | Tensor = "constant",
+        init_value: float = 0.5,
+        prefilter_samples: int = 32,
+        diffuse_res: int = 16,
+        lut_resolution: int = 256,
+        lut_samples: int = 512,
+    ) -> None:
+        super().__init__()
+        if isinstance(init, Tensor):
+            base = init.detach().float().clone()
+            if base.dim() != 4 or base.shape[0] != 6 or base.shape[1] != base.shape[2]:
+                raise ValueError(f"light init tensor must be a cube map [6,R,R,3], got {tuple(base.shape)}")
+            base_res = base.shape[1]
+        elif init == "constant":
+            base = torch.full((6, base_res, base_res, 3), float(init_value))
+        elif init == "random":  # nvdiffrec's default start: uniform in [0.25, 0.75]
+            base = torch.rand(6, base_res, base_res, 3) * 0.5 + 0.25
+        else:
+            raise ValueError(f"light init={init!r} is not known: use 'constant', 'random' or a [6,R,R,3] tensor.")
+        if base_res & (base_res - 1) or min_res & (min_res - 1) or min_res > base_res:
+            raise ValueError(f"light base_res={base_res} and min_res={min_res} must be powers of two, min <= base.")
+        self.base = nn.Parameter(base)
+        self.min_res, self.min_roughness, self.max_roughness = min_res, min_roughness, max_roughness
+        self.prefilter_samples, self.diffuse_res = prefilter_samples, min(diffuse_res, min_res)
+        self.register_buffer("lut", ggx_lut(lut_resolution, lut_samples).clone(), persistent=False)
+        self.specular: list[Tensor] | None = None
+        self.diffuse: Tensor | None = None
+
+    @property
+    def num_levels(self) -> int:
+        return int(math.log2(self.base.shape[1] // self.min_res)) + 1
+
+    def level_roughness(self, level: int) -> float:
+        """Roughness that specular mip `level` is prefiltered for."""
+        n = self.num_levels
+        if level == n - 1 and n > 1:
+            return 1.0
+        if n <= 2:
+            return self.min_roughness
+        return self.min_roughness + (self.max_roughness - self.min_roughness) * level / (n - 2)
+
+    def get_mip(self, roughness: Tensor) -> Tensor:
+        """Fractional specular mip level for roughness [...] (nvdiffrec's mapping)."""
+        n = self.num_levels
+        if n == 1:
+            return torch.zeros_like(roughness)
+        lo = (roughness.clamp(self.min_roughness, self.max_roughness) - self.min_roughness) / (
+            self.max_roughness - self.min_roughness
+        ) * max(n - 2, 0)
+        hi = (roughness.clamp(self.max_roughness, 1.0) - self.max_roughness) / (1.0 - self.max_roughness) + n - 2
+        return torch.where(roughness < self.max_roughness, lo, hi).clamp(0, n - 1)
+
+    def _prefilter(self, pooled: list[Tensor], level: int, roughness: float) -> Tensor:
+        """GGX-convolve level `level` (N = V = R per texel), sampling the pooled chain by each sample's pdf.
+
+        Karis' filtered importance sampling: a sample of pdf p covers 1/(S p) sr; it is read from the pooled
+        level whose texels have about that solid angle, so few fixed samples give a smooth, unbiased-ish blur.
+        """
+        res = pooled[level].shape[1]
+        dev = pooled[level].device
+        n_samples = int(max(self.prefilter_samples, min(1024, 2**19 // (6 * res * res))))
+        h = importance_sample_ggx(hammersley(n_samples, dev), roughness)  # [S,3] tangent space
+        l_t = 2 * h[:, 2:3] * h - torch.tensor([0.0, 0.0, 1.0], device=dev)  # reflect N about H, V = N
+        n_dot_l = l_t[:, 2]
+        keep = n_dot_l > 1e-4
+        h, l_t, n_dot_l = h[keep], l_t[keep], n_dot_l[keep]
+        pdf = ggx_ndf(h[:, 2], roughness) / 4  # D * n_dot_h / (4 v_dot_h) with v = n
+        omega_s = 1 / (n_samples * pdf)
+        omega_p = 4 * math.pi / (6 * res * res)
+        lod = (0.5 * torch.log2(omega_s / omega_p) + 1).clamp_min(0).round().long()
+        src_level = (level + lod).clamp(max=len(pooled) - 1)
+
+        n = cube_to_dir(res, dev).reshape(-1, 3)
+        t, b = _tangent_frame(n)
+        out = torch.zeros(n.shape[0], pooled[0].shape[-1], device=dev, dtype=pooled[0].dtype)
+        chunk = max(1, 2**21 // max(1, h.shape[0]))
+        for src in src_level.unique().tolist():
+            sel = src_level == src
+            lt, w = l_t[sel], n_dot_l[sel]
+            parts = []
+            for k in range(0, n.shape[0], chunk):
+                tk, bk, nk = t[k : k + chunk, None], b[k : k + chunk, None], n[k : k + chunk, None]
+                dirs = tk * lt[None, :, 0:1] + bk * lt[None, :, 1:2] + nk * lt[None, :, 2:3]
+                parts.append((sample_cube(pooled[src], dirs) * w[None, :, None]).sum(1))
+            out = out + torch.cat(parts)
+        return (out / n_dot_l.sum()).reshape(6, res, res, -1)
+
+    def _irradiance(self, cube: Tensor) -> Tensor:
+        """Cosine-weighted convolution (normalised so a constant map stays constant) at the cube's resolution."""
+        res = cube.shape[1]
+        dirs = cube_to_dir(res, cube.device).reshape(-1, 3)
+        w = (dirs @ dirs.T).clamp_min(0) * cube_texel_solid_angle(res, cube.device).repeat(6, 1, 1).reshape(1, -1)
+        w = w / w.sum(-1, keepdim=True)  # the quadrature of int cos dw = pi, exact for constant light
+        return (w @ cube.reshape(-1, cube.shape[-1])).reshape(cube.shape)
+
+    def build_mips(self) -> None:
+        """Rebuild the specular mip chain and diffuse irradiance cube from `base` (differentiably)."""
+        pooled = [self.base]
+        while pooled[-1].shape[1] > self.min_res:
+            pooled.append(avg_pool_cube(pooled[-1]))
+        self.specular = [self.base] + [self._prefilter(pooled, lv, self.level_roughness(lv))
+                                       for lv in range(1, len(pooled))]
+        diff_src = pooled[-1]
+        while diff_src.shape[1] > self.diffuse_res:
+            diff_src = avg_pool_cube(diff_src)
+        self.diffuse = self._irradiance(diff_src)
+
+    def shade(
+        self, gb_pos: Tensor, gb_normal: Tensor, kd: Tensor, arm: Tensor, view_pos: Tensor, specular: bool = True
+    ) -> Tensor:
+        """Split-sum shading (nvdiffrec's `EnvironmentLight.shade`).
+
+        gb_pos, gb_normal: [...,3] world space, normals unit length. kd: [...,3] albedo, linear RGB.
+        arm: [...,3] occlusion, roughness, metallic. view_pos: camera position, [...,3] or [B,3] for [B,...,3]
+        G-buffers. Returns [...,3] linear HDR radiance:
+            (irradiance(N) * kd * (1-metallic) + prefiltered(R, roughness) * (F0 * scale + bias)) * (1 - occlusion)
+        with F0 = lerp(0.04, kd, metallic); the whole sum is scaled by 1 - occlusion as nvdiffrec does (its
+        `ks.x`). With specular=False the diffuse term uses kd unscaled by metallic, as nvdiffrec.
+        """
+        if self.specular is None or self.diffuse is None:
+            raise RuntimeError("EnvironmentLight.shade needs mips: call light.build_mips() after each base update.")
+        if view_pos.dim() == 2 and gb_pos.dim() > 2 and view_pos.shape[0] == gb_pos.shape[0]:
+            view_pos = view_pos.reshape(view_pos.shape[0], *([1] * (gb_pos.dim() - 2)), 3)
+        wo = _normalize(view_pos - gb_pos)
+        n = gb_normal
+        if specular:
+            roughness, metallic = arm[..., 1:2], arm[..., 2:3]
+            spec_col = (1 - metallic) * 0.04 + kd * metallic
+            diff_col = kd * (1 - metallic)
+        else:
+            diff_col = kd
+        shaded = sample_cube(self.diffuse, n) * diff_col
+        if specular:
+            n_dot_v = (wo * n).sum(-1, keepdim=True).clamp_min(1e-4)
+            reflvec = _normalize(2 * n_dot_v * n - wo)
+            fg = lookup_lut(self.lut, n_dot_v[..., 0], roughness[..., 0])
+            mip = self.get_mip(roughness)
+            spec = torch.zeros_like(shaded)
+            for lv, cube in enumerate(self.specular):
+                w = (1 - (mip - lv).abs()).clamp_min(0)
+                if bool((w > 0).any()):
+                    spec = spec + sample_cube(cube, reflvec) * w
+            shaded = shaded + spec * (spec_col * fg[..., 0:1] + fg[..., 1:2])
+        return shaded * (1 - arm[..., 0:1])
+
+    def regularizer(self) -> Tensor:
+        """nvdiffrec's white-balance prior: mean |base - grey(base)| (penalises coloured light)."""
+        return torch.mean(torch.abs(self.base - self.base.mean(dim=-1, keepdim=True)))
+
+    @torch.no_grad()
+    def clamp_(self, min: float | None = 0.0, max: float | None = None) -> None:  # noqa: A002 (torch's names)
+        """Clamp the base radiance in place (nvdiffrec clamps to >= 0 after each step)."""
+        self.base.clamp_(min=min, max=max)
+
+    @torch.no_grad()
+    def to_latlong(self, height: int = 256) -> Tensor:
+        """Base cube as a lat-long image [H,2H,3] (linear HDR), e.g. for writing probe.hdr."""
+        return sample_cube(self.base, latlong_dirs(height, self.base.device))
+
+    @torch.no_grad()
+    def from_latlong(self, img: Tensor) -> None:
+        """Set the base cube from a lat-long image [H,2H,3] (linear HDR); call build_mips() afterwards."""
+        dirs = cube_to_dir(self.base.shape[1], self.base.device)
+        self.base.copy_(sample_latlong(img.to(self.base), dirs))
