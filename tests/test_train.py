@@ -48,10 +48,13 @@ def test_short_fit_writes_all_outputs(tmp_path):
                      "callbacks.mesh_export.texture_res=64", "callbacks.mesh_export.eval_samples=2000")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
-    for name in ("mesh.obj", "mesh.mtl", "texture_kd.png", "metrics.json", "run.json", "timing.json"):
+    for name in ("mesh.obj", "mesh.mtl", "texture_kd.png", "mesh.glb", "metrics.json", "run.json", "timing.json"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_views"] == 2 and "chamfer_l1" in metrics["geometry"]
+    glb = trimesh.load(run / "mesh.glb", force="mesh", process=False)
+    obj = trimesh.load(run / "mesh.obj", force="mesh", process=False)
+    assert len(glb.faces) == len(obj.faces) and glb.visual.material.baseColorTexture is not None
 
 
 def compose_train(*overrides: str):

@@ -11,12 +11,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from recon.eval.evaluate import RUN_INFO, evaluate_run, format_table
 from recon.export.cleanup import cull_invisible
+from recon.export.gltf import write_glb
 from recon.export.obj import atomic_write_bytes, write_textured_obj
 from recon.export.uv_bake import bake_texture, simplify, unwrap
 
 
 class MeshExport(L.Callback):
-    """When training ends (rank zero): write ``mesh.obj`` + ``mesh.mtl`` + ``texture_kd.png`` into ``out_dir``,
+    """When training ends (rank zero): write ``mesh.glb`` and ``mesh.obj`` + ``mesh.mtl`` + ``texture_kd.png`` into ``out_dir``,
     then evaluate the files on the test split into ``metrics.json``.
 
     texture_res: side of the baked texture in texels. max_faces: decimate larger meshes to this many
@@ -68,6 +69,7 @@ class MeshExport(L.Callback):
             visible_faces = int(mesh.faces.shape[0])
             mesh = unwrap(simplify(mesh, self.max_faces))
             kd = bake_texture(pl_module.rasterizer, mesh, pl_module.material.sample, self.texture_res)
+        write_glb(self.out_dir / "mesh.glb", mesh, kd)  # before the OBJ, which is written last
         obj = write_textured_obj(self.out_dir, mesh, kd)
         export_seconds = time.perf_counter() - t0
         rank_zero_info(f"exported {obj} ({mesh.faces.shape[0]} triangles, {self.texture_res}^2 texture)")
