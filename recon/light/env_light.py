@@ -61,7 +61,7 @@ def dir_to_cube(dirs: Tensor) -> tuple[Tensor, Tensor]:
     return face, uv
 
 
-def sample_cube(cube: Tensor, dirs: Tensor) -> Tensor:
+def sample_cube(cube: Tensor, dirs: Tensor, coords: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Bilinear lookup of cube [6,R,R,C] along dirs [...,3] -> [...,C]; differentiable w.r.t. cube.
 
     Filtering stays inside the face the direction hits, clamped at its border: within half a texel of a cube
@@ -69,7 +69,7 @@ def sample_cube(cube: Tensor, dirs: Tensor) -> Tensor:
     a seam error that shrinks with resolution and that the GGX prefilter and diffuse convolution smooth over.
     """
     res, ch = cube.shape[1], cube.shape[-1]
-    face, uv = dir_to_cube(dirs.detach())
+    face, uv = dir_to_cube(dirs.detach()) if coords is None else coords  # coords: dir_to_cube(dirs), reused
     p = (uv * res - 0.5).clamp(0, res - 1)
     p0 = p.floor().long().clamp(max=max(res - 2, 0))
     f = (p - p0).to(cube.dtype)
@@ -291,10 +291,11 @@ class EnvironmentLight(nn.Module):
             fg = lookup_lut(self.lut, n_dot_v[..., 0], roughness[..., 0])
             mip = self.get_mip(roughness)
             spec = torch.zeros_like(shaded)
+            coords = dir_to_cube(reflvec.detach())  # shared by every level
             for lv, cube in enumerate(self.specular):
                 w = (1 - (mip - lv).abs()).clamp_min(0)
                 if bool((w > 0).any()):
-                    spec = spec + sample_cube(cube, reflvec) * w
+                    spec = spec + sample_cube(cube, reflvec, coords) * w
             shaded = shaded + spec * (spec_col * fg[..., 0:1] + fg[..., 1:2])
         return shaded * (1 - arm[..., 0:1])
 
