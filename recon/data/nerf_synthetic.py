@@ -12,12 +12,12 @@ import json
 import math
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 
 from recon.color import srgb_to_linear
 from recon.data.frames import DataError, Frames
+from recon.data.images import read_image
 
 IMAGE_SUFFIXES = (".png", ".PNG", ".jpg", ".jpeg", ".JPG", ".exr")
 
@@ -54,18 +54,10 @@ def _resolve_image(root: Path, file_path: str, json_path: Path, index: int) -> P
 
 def read_image_rgba(path: Path, background_color: tuple[float, float, float] | None, mask_tolerance: float) -> np.ndarray:
     """Read an image as float32 [H,W,4] sRGB + alpha in [0,1]."""
-    try:
-        img = iio.imread(path)
-    except Exception as e:  # imageio raises many types for corrupt data
-        raise DataError(f"cannot read image {path}: {e}. Replace the file with a valid PNG/JPEG.") from e
-    if img.ndim == 2:
-        img = img[..., None].repeat(3, -1)
-    if img.ndim != 3 or img.shape[-1] not in (3, 4):
-        raise DataError(f"image {path} has shape {img.shape}; expected H x W x 3 (RGB) or H x W x 4 (RGBA).")
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
-    img = img.astype(np.float32) / scale
-    if img.shape[-1] == 4:
-        return img
+    rgb, alpha = read_image(path)
+    if alpha is not None:
+        return np.concatenate([rgb, alpha[..., None]], -1)
+    img = rgb
     if background_color is None:
         raise DataError(
             f"image {path} has no alpha channel, and recon needs an object mask. Either provide RGBA images, or "
