@@ -22,15 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repository root, on sys.path
     sys.path.insert(0, str(ROOT))
 
-from recon.color import tonemap_srgb
 from recon.export.obj import atomic_write_bytes
-from recon.render.shading import rasterize_gbuffers, shade_covered
+from recon.render.shading import rasterize_gbuffers, shade_covered, with_coverage
 from recon.system import background
 
 STAGES = ("marching_tets", "rasterize", "material", "shading/antialias", "loss", "backward", "optimizer")
@@ -175,16 +173,10 @@ def training_step_stages(system, batch: dict, opt, sched, timer: StageTimer) -> 
     timer.mark()
     color = shade_covered(gb["mask"], gb["gb_pos"], system.material.sample)       # material
     timer.mark()
-    rgba = torch.cat([color, gb["mask"][..., None].to(color.dtype)], -1)          # shading/antialias (render_albedo)
-    rgba = system.rasterizer.antialias(rgba.contiguous(), gb["rast"], gb["pos_clip"], mesh.faces)
-    out = {"rgb": rgba[..., :3], "alpha": rgba[..., 3:].clamp(0, 1)}
+    rgb, alpha = with_coverage(system.rasterizer, color, gb, mesh.faces)             # shading/antialias
     timer.mark()
     bg = background(system.loss_cfg.get("background", "random"), img.shape[:3], img.device)  # loss
-    comp, ref = system.composite(out, img, bg)
-    ref_a = img[..., 3:]
-    loss_alpha = F.mse_loss(out["alpha"], ref_a)
-    loss_color = F.l1_loss(tonemap_srgb(comp * ref_a), tonemap_srgb(ref * ref_a))
-    loss = loss_color + system.loss_cfg.get("alpha_weight", 1.0) * loss_alpha + system.sdf_weight() * system.geometry.sdf_regularizer()
+    loss = system.losses({"rgb": rgb, "alpha": alpha}, img, bg)["total"]
     timer.mark()
     loss.backward()                                                               # backward
     timer.mark()

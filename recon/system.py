@@ -98,18 +98,30 @@ class ReconSystem(L.LightningModule):
         return color, ref
 
     # ------------------------------------------------------------------------------------------ steps
+    def losses(self, out: dict, img: Tensor, bg: Tensor) -> dict:
+        """Loss terms of a render ``out`` against reference RGBA ``img`` over background ``bg`` [B,H,W,3].
+
+        nvdiffrec's image loss: alpha MSE + log-L1 on tonemapped sRGB, colour restricted to the reference mask;
+        plus the SDF sign-change regulariser. Returns the terms, ``total`` and the composited ``color``/``ref``.
+        """
+        color, ref = self.composite(out, img, bg)
+        ref_a = img[..., 3:]
+        terms = {
+            "color": F.l1_loss(tonemap_srgb(color * ref_a), tonemap_srgb(ref * ref_a)),
+            "alpha": F.mse_loss(out["alpha"], ref_a),
+            "sdf": self.geometry.sdf_regularizer(),
+        }
+        terms["total"] = terms["color"] + self.loss_cfg.get("alpha_weight", 1.0) * terms["alpha"] + self.sdf_weight() * terms["sdf"]
+        return {**terms, "composited": color, "reference": ref}
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         img = batch["img"]
         mesh = self.mesh()
         out = self.render(mesh, batch["mvp"], tuple(img.shape[1:3]))
         bg = background(self.loss_cfg.get("background", "random"), img.shape[:3], img.device)
-        color, ref = self.composite(out, img, bg)
-        ref_a = img[..., 3:]
-        # nvdiffrec's image loss: alpha MSE + log-L1 on tonemapped sRGB, colour restricted to the reference mask
-        loss_alpha = F.mse_loss(out["alpha"], ref_a)
-        loss_color = F.l1_loss(tonemap_srgb(color * ref_a), tonemap_srgb(ref * ref_a))
-        loss_sdf = self.geometry.sdf_regularizer()
-        loss = loss_color + self.loss_cfg.get("alpha_weight", 1.0) * loss_alpha + self.sdf_weight() * loss_sdf
+        terms = self.losses(out, img, bg)
+        loss, color, ref = terms["total"], terms["composited"], terms["reference"]
+        loss_color, loss_alpha, loss_sdf = terms["color"], terms["alpha"], terms["sdf"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss at step {self.global_step} (color={loss_color.item()}, alpha={loss_alpha.item()}, "

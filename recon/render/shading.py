@@ -61,8 +61,17 @@ def render_albedo(
         color = color * mask[..., None]
     else:
         raise ValueError("render_albedo needs albedo_fn or texture.")
-    rgba = torch.cat([color, mask[..., None].to(color.dtype)], -1)
-    if antialias:
-        rgba = rasterizer.antialias(rgba.contiguous(), gb["rast"], gb["pos_clip"], mesh.faces)
-    gb.update(rgb=rgba[..., :3], alpha=rgba[..., 3:].clamp(0, 1))
+    gb["rgb"], gb["alpha"] = with_coverage(rasterizer, color, gb, mesh.faces, antialias)
     return gb
+
+
+def with_coverage(rasterizer, color: Tensor, gb: dict, faces: Tensor, antialias: bool = True) -> tuple[Tensor, Tensor]:
+    """Attach coverage to a shaded image and antialias both along silhouettes.
+
+    color: [B,H,W,C], zero where uncovered; gb: the G-buffers of :func:`rasterize_gbuffers`.
+    Returns colour premultiplied by coverage [B,H,W,C] and alpha [B,H,W,1] in [0,1].
+    """
+    rgba = torch.cat([color, gb["mask"][..., None].to(color.dtype)], -1)
+    if antialias:  # the analytic silhouette gradients come from here
+        rgba = rasterizer.antialias(rgba.contiguous(), gb["rast"], gb["pos_clip"], faces)
+    return rgba[..., :-1], rgba[..., -1:].clamp(0, 1)
