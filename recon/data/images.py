@@ -22,3 +22,26 @@ def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     scale = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
     img = img.astype(np.float32) / scale
     return img[..., :3], (img[..., 3] if img.shape[-1] == 4 else None)
+
+
+def combine_alpha(
+    rgb: np.ndarray,
+    alpha: np.ndarray | None,
+    mask: np.ndarray | None,
+    path: Path,
+    background_color: tuple[float, float, float] | None,
+    mask_tolerance: float,
+) -> np.ndarray:
+    """Object coverage [H,W]: the mask times the image's alpha, else the alpha, else from the backdrop colour."""
+    if mask is not None:
+        return mask if alpha is None else mask * alpha
+    if alpha is not None:
+        return alpha
+    if background_color is None:
+        raise DataError(
+            f"image {path} has no alpha channel and no mask, and recon needs an object mask. Either provide RGBA "
+            "images or mask images, or set data.background_color=[r,g,b] (the backdrop colour in the photos, sRGB "
+            "in 0..1, e.g. [1,1,1] for white) so the mask is derived from it."
+        )
+    bg = np.asarray(background_color, dtype=np.float32)
+    return (np.abs(rgb - bg).max(-1) > mask_tolerance).astype(np.float32)

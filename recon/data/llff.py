@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from recon.data.frames import DataError, Frames
-from recon.data.images import read_image
-from recon.data.nerfstudio import IMAGE_SUFFIXES, check_same_size, combine_alpha, read_mask, rigid_c2w, to_frames
+from recon.data.images import combine_alpha, read_image
+from recon.data.nerfstudio import IMAGE_SUFFIXES, check_same_size, read_mask, rigid_c2w, to_frames
 
 LLFF_HOLD = 8
 

@@ -17,7 +17,7 @@ import torch
 
 from recon.color import srgb_to_linear
 from recon.data.frames import DataError, Frames
-from recon.data.images import read_image
+from recon.data.images import combine_alpha, read_image
 
 IMAGE_SUFFIXES = (".png", ".PNG", ".jpg", ".jpeg", ".JPG", ".exr")
 
@@ -53,20 +53,10 @@ def _resolve_image(root: Path, file_path: str, json_path: Path, index: int) -> P
 
 
 def read_image_rgba(path: Path, background_color: tuple[float, float, float] | None, mask_tolerance: float) -> np.ndarray:
-    """Read an image as float32 [H,W,4] sRGB + alpha in [0,1]."""
+    """Read an image as float32 [H,W,4] sRGB + alpha in [0,1] (alpha from the backdrop colour for RGB images)."""
     rgb, alpha = read_image(path)
-    if alpha is not None:
-        return np.concatenate([rgb, alpha[..., None]], -1)
-    img = rgb
-    if background_color is None:
-        raise DataError(
-            f"image {path} has no alpha channel, and recon needs an object mask. Either provide RGBA images, or "
-            "set data.background_color=[r,g,b] (the backdrop colour in the photos, sRGB in 0..1, e.g. [1,1,1] for "
-            "white) so the mask is derived from it."
-        )
-    bg = np.asarray(background_color, dtype=np.float32)
-    alpha = (np.abs(img - bg).max(-1, keepdims=True) > mask_tolerance).astype(np.float32)
-    return np.concatenate([img, alpha], -1)
+    alpha = combine_alpha(rgb, alpha, None, path, background_color, mask_tolerance)
+    return np.concatenate([rgb, alpha[..., None]], -1)
 
 
 def load_nerf_synthetic(

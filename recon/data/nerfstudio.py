@@ -30,7 +30,7 @@ import torch
 
 from recon.color import srgb_to_linear
 from recon.data.frames import DataError, Frames
-from recon.data.images import read_image
+from recon.data.images import combine_alpha, read_image
 
 IMAGE_SUFFIXES = (".png", ".PNG", ".jpg", ".jpeg", ".JPG", ".JPEG", ".exr")
 DISTORTION_KEYS = ("k1", "k2", "p1", "p2", "k3")
@@ -83,29 +83,6 @@ def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.nda
             "A mask must have its image's size; regenerate or resize it."
         )
     return (m > 0.5).astype(np.float32)
-
-
-def combine_alpha(
-    rgb: np.ndarray,
-    alpha: np.ndarray | None,
-    mask: np.ndarray | None,
-    path: Path,
-    background_color: tuple[float, float, float] | None,
-    mask_tolerance: float,
-) -> np.ndarray:
-    """Object coverage [H,W]: the mask times the image's alpha, else the alpha, else from the backdrop colour."""
-    if mask is not None:
-        return mask if alpha is None else mask * alpha
-    if alpha is not None:
-        return alpha
-    if background_color is None:
-        raise DataError(
-            f"image {path} has no alpha channel and no mask, and recon needs an object mask. Either provide RGBA "
-            "images or mask images, or set data.background_color=[r,g,b] (the backdrop colour in the photos, sRGB "
-            "in 0..1, e.g. [1,1,1] for white) so the mask is derived from it."
-        )
-    bg = np.asarray(background_color, dtype=np.float32)
-    return (np.abs(rgb - bg).max(-1) > mask_tolerance).astype(np.float32)
 
 
 def to_frames(images: list[np.ndarray], poses: list[np.ndarray], intrinsics: list[list[float]], paths: list[str]) -> Frames:
