@@ -6,13 +6,6 @@ from test_nerfstudio import write_nerfstudio
 
 from recon.data.datamodule import NeRFDataModule
 from recon.data.frames import DataError
-from recon.data.synthetic_scene import builtin_scene
-
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    return builtin_scene(resolution=32, n_train=6, n_val=1, n_test=2,
-                         cache_dir=tmp_path_factory.getbasetemp() / "builtin", backend="torch")
 
 
 @pytest.mark.parametrize("fmt", ["nerf_synthetic", "nerfstudio", "llff"])

@@ -11,16 +11,11 @@ import torch
 from recon.data.frames import DataError
 from recon.data.llff import llff_to_nerf, load_llff, nerf_to_llff
 from recon.data.nerf_synthetic import load_nerf_synthetic
-from recon.data.synthetic_scene import CAMERA_ANGLE_X, builtin_scene
+from recon.data.synthetic_scene import CAMERA_ANGLE_X
 
 RES = 32
 FOCAL = 0.5 * RES / math.tan(0.5 * CAMERA_ANGLE_X)
 
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    return builtin_scene(resolution=RES, n_train=6, n_val=1, n_test=2,
-                         cache_dir=tmp_path_factory.getbasetemp() / "builtin", backend="torch")
 
 
 def all_frames(scene):

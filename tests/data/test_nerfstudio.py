@@ -11,17 +11,11 @@ import torch
 from recon.data.frames import DataError
 from recon.data.nerf_synthetic import load_nerf_synthetic
 from recon.data.nerfstudio import load_nerfstudio, transforms_metadata
-from recon.data.synthetic_scene import CAMERA_ANGLE_X, builtin_scene
+from recon.data.synthetic_scene import CAMERA_ANGLE_X
 
 RES = 32
 FOCAL = 0.5 * RES / math.tan(0.5 * CAMERA_ANGLE_X)
 
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    """The built-in scene (6 train, 1 val, 2 test views, 32 px), shared by the data tests."""
-    return builtin_scene(resolution=RES, n_train=6, n_val=1, n_test=2,
-                         cache_dir=tmp_path_factory.getbasetemp() / "builtin", backend="torch")
 
 
 def write_nerfstudio(scene, root, split_lists=True, **top):
