@@ -53,6 +53,27 @@ class MaterialConfig:
     n_hidden_layers: int = 2
     encoding: HashGridConfig = field(default_factory=HashGridConfig)
     backend: str = "auto"                 # hash-grid backend: auto | torch | tcnn
+    # bounds of the nine channels: albedo kd, ks = (occlusion, roughness, metallic), tangent-space normal
+    kd_min: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    kd_max: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    ks_min: List[float] = field(default_factory=lambda: [0.0, 0.08, 0.0])
+    ks_max: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    nrm_min: List[float] = field(default_factory=lambda: [-1.0, -1.0, 0.0])
+    nrm_max: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    perturb_normal: bool = True           # learn a normal perturbation (normal map)
+    smoothness_jitter: float = 0.01       # offset (scene units) of the albedo-smoothness regulariser
+
+
+@dataclass
+class LightConfig:
+    base_res: int = 512                   # cube-map face size of the learnable HDR light
+    min_res: int = 16                     # coarsest specular mip
+    min_roughness: float = 0.08
+    max_roughness: float = 0.5
+    init: str = "constant"                # constant | random
+    init_value: float = 0.5
+    prefilter_samples: int = 32           # GGX samples per texel of each prefiltered level (at least)
+    diffuse_res: int = 16                 # irradiance cube size
 
 
 @dataclass
@@ -64,30 +85,49 @@ class RenderConfig:
 class LossConfig:
     background: str = "random"            # training background: random | white | black
     alpha_weight: float = 1.0
-    sdf_weight: float = 0.2               # SDF sign-change regulariser, decays linearly ...
+    sdf_weight: float = 0.2               # SDF sign-change regulariser (pass 1), decays linearly ...
     sdf_weight_final: float = 0.01        # ... to this value ...
-    sdf_decay_fraction: float = 0.25      # ... over this fraction of the steps
+    sdf_decay_fraction: float = 0.25      # ... over this fraction of pass 1
+    kd_smooth_weight: float = 0.03        # albedo smoothness (pass 1)
+    occlusion_weight: float = 0.001       # pushes the occlusion channel to 0
+    light_white_weight: float = 0.005     # penalises coloured light
+    reg_ramp_steps: int = 500             # the two material regularisers ramp in over this many steps of a pass
+    laplace_scale: float = 3000.0         # relative Laplacian of pass 2, fading to 0 over the pass
+    depth_weight: float = 0.0             # L1 depth loss where reference depth is given
 
 
 @dataclass
 class OptimConfig:
-    lr_geometry: float = 0.03
-    lr_material: float = 0.01
+    lr_geometry: float = 0.03             # pass 1: SDF and grid deformation
+    lr_material: float = 0.01             # pass 1: hash grid and MLP
+    lr_light: float = 0.01                # both passes
+    lr_position: float = 0.001            # pass 2: vertex offsets
+    lr_texture: float = 0.01              # pass 2: the 9-channel texture
     warmup_steps: int = 0
-    lr_final_factor: float = 0.1          # lr multiplier reached at max_steps (exponential decay)
+    lr_final_factor: float = 0.1          # lr multiplier reached at the end of each pass (exponential decay)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+
+
+@dataclass
+class BakeConfig:
+    texture_res: int = 2048               # side of the baked textures (pass 2 and export)
+    max_faces: int = 100000               # quadric decimation before UV unwrapping (0 keeps all)
+    cull_invisible: bool = True           # drop faces no training view sees (interior DMTet surfaces)
 
 
 @dataclass
 class ModelConfig:
     _target_: str = "recon.system.ReconSystem"
     _convert_: str = "all"
-    max_steps: int = 5000
+    pass1_steps: int = 5000               # DMTet + neural material + light
+    pass2_steps: int = 5000               # fixed mesh + textures + light (0: pass 1 only)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     material: MaterialConfig = field(default_factory=MaterialConfig)
+    light: LightConfig = field(default_factory=LightConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    bake: BakeConfig = field(default_factory=BakeConfig)
 
 
 @dataclass
@@ -104,5 +144,9 @@ class TrainConfig:
 
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (``train.yaml`` extends ``train_schema``)."""
+    from omegaconf import OmegaConf
+
+    # trainer.max_steps = model.pass1_steps + model.pass2_steps, written ${add:...} in conf/trainer/default.yaml
+    OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)

@@ -1,4 +1,11 @@
-"""ReconSystem: the LightningModule that wires DMTet geometry, the neural material and the renderer."""
+"""ReconSystem: the LightningModule that wires geometry, PBR materials, the environment light and the renderer.
+
+Two passes in one fit, as nvdiffrec:
+  pass 1 (steps [0, pass1_steps)): DMTet surface + hash-grid neural material + learnable light;
+  pass boundary: the surface is extracted, cleaned, decimated, UV-unwrapped and the neural material baked into a
+  9-channel texture (kd, ks, tangent-space normal);
+  pass 2 (the next pass2_steps steps): the fixed-topology mesh's vertex offsets, the texture and the light.
+"""
 from __future__ import annotations
 
 import lightning as L
@@ -7,11 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recon.color import linear_to_srgb, tonemap_srgb
+from recon.export.cleanup import cull_invisible
+from recon.export.uv_bake import bake_pbr_textures, simplify, unwrap
 from recon.geometry.dmtet import DMTetGeometry
+from recon.geometry.fixed_mesh import FixedTopologyMesh
 from recon.geometry.mesh import Mesh
-from recon.materials.mlp_texture import MLPTexture3D
+from recon.light import EnvironmentLight
+from recon.materials.pbr import NeuralPBRMaterial, TexturePBRMaterial, channel_bounds
 from recon.render import make_rasterizer
-from recon.render.shading import render_albedo
+from recon.render.shading import render_pbr
+
+BOUND_KEYS = ("kd_min", "kd_max", "ks_min", "ks_max", "nrm_min", "nrm_max")
 
 
 class SurfaceLostError(RuntimeError):
@@ -44,26 +57,36 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int, final_factor: floa
 
 
 class ReconSystem(L.LightningModule):
-    """Fits a DMTet surface and a hash-grid albedo field to posed RGBA views.
+    """Fits a relightable textured mesh (geometry, PBR materials, HDR environment light) to posed RGBA views.
 
-    geometry: kwargs of DMTetGeometry. material: kwargs of MLPTexture3D (besides aabb/channels).
-    render: ``backend`` ('auto' | 'torch' | 'nvdiffrast'). loss: ``background``, ``sdf_weight``,
-    ``sdf_weight_final``, ``sdf_decay_fraction``, ``alpha_weight``. optim: ``lr_geometry``, ``lr_material``,
-    ``warmup_steps``, ``lr_final_factor``, ``betas``. ``max_steps`` sets the schedules' length.
+    geometry: kwargs of DMTetGeometry. material: kwargs of NeuralPBRMaterial/MLPTexture3D plus the channel
+    bounds (``kd_min`` ... ``nrm_max``) and ``perturb_normal``. light: kwargs of EnvironmentLight.
+    render: ``backend``. loss: weights (see conf/model/nvdiffrec.yaml). optim: learning rates and schedule.
+    bake: ``texture_res``, ``max_faces``, ``cull_invisible`` for the pass boundary and pass-1-only exports.
+    pass1_steps, pass2_steps: length of each pass (pass2_steps=0: pass 1 only).
     """
 
-    def __init__(self, geometry: dict, material: dict, render: dict, loss: dict, optim: dict, max_steps: int = 5000):
+    def __init__(self, geometry: dict, material: dict, light: dict, render: dict, loss: dict, optim: dict,
+                 bake: dict, pass1_steps: int = 5000, pass2_steps: int = 5000):
         super().__init__()
         self.save_hyperparameters()
+        material = dict(material)
+        bounds = channel_bounds(**{k: material.pop(k) for k in BOUND_KEYS if k in material})
+        self.perturb_normal = bool(material.pop("perturb_normal", True))
         self.geometry = DMTetGeometry(**geometry)
         half = 0.5 * float(self.geometry.scale)
         center = torch.as_tensor(geometry.get("center", (0.0, 0.0, 0.0)), dtype=torch.float32)
-        aabb = torch.stack([center - half, center + half])
-        self.material = MLPTexture3D(aabb, channels=3, **material)
-        self.render_cfg = dict(render)
-        self.loss_cfg = dict(loss)
-        self.optim_cfg = dict(optim)
-        self.max_steps = int(max_steps)
+        self.material = NeuralPBRMaterial(torch.stack([center - half, center + half]), bounds, **material)
+        self.light = EnvironmentLight(**light)
+        self.register_buffer("bounds", bounds, persistent=False)
+        self.surface: FixedTopologyMesh | None = None  # pass 2
+        self.textures: TexturePBRMaterial | None = None
+        self.render_cfg, self.loss_cfg, self.optim_cfg, self.bake_cfg = dict(render), dict(loss), dict(optim), dict(bake)
+        self.pass1_steps, self.pass2_steps = int(pass1_steps), int(pass2_steps)
+        if self.pass1_steps <= 0 or self.pass2_steps < 0:
+            raise ValueError(f"model.pass1_steps={pass1_steps} must be > 0 and model.pass2_steps={pass2_steps} >= 0.")
+        self.bake_stats: dict = {}
+        self.pass1_result: dict | None = None  # the pass-1 export, handed to the export callback once
         self._rasterizer = None
 
     # ------------------------------------------------------------------------------------------ wiring
@@ -73,7 +96,19 @@ class ReconSystem(L.LightningModule):
             self._rasterizer = make_rasterizer(self.render_cfg.get("backend", "auto"), self.device)
         return self._rasterizer
 
+    @property
+    def current_pass(self) -> int:
+        return 1 if self.surface is None else 2
+
+    @property
+    def pass_step(self) -> int:
+        """Step within the current pass."""
+        return self.global_step if self.surface is None else max(0, self.global_step - self.pass1_steps)
+
     def mesh(self) -> Mesh:
+        """The surface being optimised: DMTet's (pass 1) or the fixed-topology mesh's (pass 2)."""
+        if self.surface is not None:
+            return self.surface()
         mesh = self.geometry()
         if mesh.faces.shape[0] == 0:
             raise SurfaceLostError(
@@ -82,13 +117,27 @@ class ReconSystem(L.LightningModule):
             )
         return mesh
 
-    def render(self, mesh: Mesh, mvp: Tensor, resolution: tuple[int, int]) -> dict:
-        return render_albedo(self.rasterizer, mesh, mvp, resolution, albedo_fn=self.material.sample)
+    def render(self, mvp: Tensor, cam_pos: Tensor, resolution: tuple[int, int], smoothness: bool = False,
+               depth: bool = False) -> dict:
+        """Render the current model from cameras mvp [B,4,4] at cam_pos [B,3] (see render_pbr's outputs, plus ``mesh``)."""
+        mesh = self.mesh()
+        if self.light.specular is None:
+            self.light.build_mips()
+        if self.surface is None:
+            def material(gb, mask):
+                return self.material(gb["gb_pos"][mask], smoothness=smoothness)
+        else:
+            def material(gb, mask):
+                return self.textures(self.rasterizer, gb["gb_uv"], gb["gb_uv_da"])
+        out = render_pbr(self.rasterizer, mesh, mvp, cam_pos, resolution, material, self.light, depth=depth,
+                         perturb=self.perturb_normal)
+        out["mesh"] = mesh
+        return out
 
     def sdf_weight(self) -> float:
-        """SDF regulariser weight: linear decay over the first ``sdf_decay_fraction`` of training."""
+        """SDF regulariser weight: linear decay over the first ``sdf_decay_fraction`` of pass 1."""
         w0, w1 = self.loss_cfg.get("sdf_weight", 0.2), self.loss_cfg.get("sdf_weight_final", 0.01)
-        t = min(1.0, self.global_step / max(1.0, self.loss_cfg.get("sdf_decay_fraction", 0.25) * self.max_steps))
+        t = min(1.0, self.global_step / max(1.0, self.loss_cfg.get("sdf_decay_fraction", 0.25) * self.pass1_steps))
         return w0 - (w0 - w1) * t
 
     def composite(self, out: dict, img: Tensor, bg: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,48 +147,73 @@ class ReconSystem(L.LightningModule):
         return color, ref
 
     # ------------------------------------------------------------------------------------------ steps
-    def losses(self, out: dict, img: Tensor, bg: Tensor) -> dict:
+    def losses(self, out: dict, img: Tensor, bg: Tensor, depth: Tensor | None = None) -> dict:
         """Loss terms of a render ``out`` against reference RGBA ``img`` over background ``bg`` [B,H,W,3].
 
-        nvdiffrec's image loss: alpha MSE + log-L1 on tonemapped sRGB, colour restricted to the reference mask;
-        plus the SDF sign-change regulariser. Returns the terms, ``total`` and the composited ``color``/``ref``.
+        nvdiffrec's: alpha MSE + log-L1 on tonemapped sRGB (colour restricted to the reference mask); pass 1 adds the
+        SDF sign-change regulariser, pass 2 the relative Laplacian fading out; both the albedo-smoothness and
+        occlusion regularisers (ramped in over ``reg_ramp_steps``) and the light's white-balance prior; with
+        reference ``depth`` [B,H,W,1] (0 = unknown) and ``depth_weight`` > 0 an L1 depth term.
+        Returns the terms, their weighted ``total`` and the composited ``composited``/``reference`` images.
         """
+        c = self.loss_cfg
         color, ref = self.composite(out, img, bg)
         ref_a = img[..., 3:]
+        ramp = min(1.0, self.pass_step / max(1, c.get("reg_ramp_steps", 500)))
         terms = {
             "color": F.l1_loss(tonemap_srgb(color * ref_a), tonemap_srgb(ref * ref_a)),
             "alpha": F.mse_loss(out["alpha"], ref_a),
-            "sdf": self.geometry.sdf_regularizer(),
         }
-        terms["total"] = terms["color"] + self.loss_cfg.get("alpha_weight", 1.0) * terms["alpha"] + self.sdf_weight() * terms["sdf"]
+        weights = {"color": 1.0, "alpha": c.get("alpha_weight", 1.0)}
+        if self.surface is None:
+            terms["sdf"], weights["sdf"] = self.geometry.sdf_regularizer(), self.sdf_weight()
+        else:
+            t = min(1.0, self.pass_step / max(1, self.pass2_steps))
+            terms["laplace"] = self.surface.laplacian_regularizer()
+            weights["laplace"] = c.get("laplace_scale", 3000.0) * (1 - t)
+        if "kd_grad" in out:
+            terms["kd_smooth"], weights["kd_smooth"] = out["kd_grad"].mean(), c.get("kd_smooth_weight", 0.03) * ramp
+        terms["occlusion"] = (out["ks"][..., 0:1] * out["alpha"].detach()).mean()
+        weights["occlusion"] = c.get("occlusion_weight", 0.001) * ramp
+        terms["light_white"], weights["light_white"] = self.light.regularizer(), c.get("light_white_weight", 0.005)
+        if depth is not None and c.get("depth_weight", 0.0) > 0 and "depth" in out:
+            valid = (depth > 0) & (out["alpha"] > 0.5) & (ref_a > 0.5)
+            err = (out["depth"] - depth).abs() * valid
+            terms["depth"], weights["depth"] = err.sum() / valid.sum().clamp_min(1), c["depth_weight"]
+        terms["total"] = sum(weights[k] * terms[k] for k in weights)
         return {**terms, "composited": color, "reference": ref}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         img = batch["img"]
-        mesh = self.mesh()
-        out = self.render(mesh, batch["mvp"], tuple(img.shape[1:3]))
+        self.light.build_mips()  # the light's prefiltered levels follow its base every step (differentiably)
+        want_depth = "depth" in batch and self.loss_cfg.get("depth_weight", 0.0) > 0
+        out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=self.surface is None,
+                          depth=want_depth)
         bg = background(self.loss_cfg.get("background", "random"), img.shape[:3], img.device)
-        terms = self.losses(out, img, bg)
-        loss, color, ref = terms["total"], terms["composited"], terms["reference"]
-        loss_color, loss_alpha, loss_sdf = terms["color"], terms["alpha"], terms["sdf"]
+        terms = self.losses(out, img, bg, batch.get("depth"))
+        loss = terms["total"]
+        names = [k for k in terms if k not in ("total", "composited", "reference")]
         if not torch.isfinite(loss):
+            values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names)
             raise FloatingPointError(
-                f"non-finite loss at step {self.global_step} (color={loss_color.item()}, alpha={loss_alpha.item()}, "
-                f"sdf={loss_sdf.item()}). Lower model.optim.lr_geometry / lr_material."
+                f"non-finite loss at step {self.global_step} (pass {self.current_pass}: {values}). "
+                "Lower model.optim.lr_geometry / lr_material / lr_light."
             )
         with torch.no_grad():
-            train_psnr = psnr(linear_to_srgb(color).clamp(0, 1), linear_to_srgb(ref).clamp(0, 1))
-        self.log_dict(
-            {"train/loss": loss, "train/loss_color": loss_color, "train/loss_alpha": loss_alpha,
-             "train/loss_sdf": loss_sdf, "train/psnr": train_psnr, "train/triangles": float(mesh.faces.shape[0])},
-            prog_bar=False, on_step=True, batch_size=img.shape[0],
-        )
+            train_psnr = psnr(linear_to_srgb(terms["composited"]).clamp(0, 1), linear_to_srgb(terms["reference"]).clamp(0, 1))
+        logs = {f"train/loss_{k}": terms[k] for k in names}
+        logs.update({"train/loss": loss, "train/psnr": train_psnr, "train/triangles": float(out["mesh"].faces.shape[0]),
+                     "train/pass": float(self.current_pass)})
+        for group in self.trainer.optimizers[0].param_groups if self._trainer is not None else []:
+            logs[f"lr/{group['name']}"] = group["lr"]
+        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=img.shape[0])
         self.log("psnr", train_psnr, prog_bar=True, on_step=True, logger=False, batch_size=img.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         img = batch["img"]
-        out = self.render(self.mesh(), batch["mvp"], tuple(img.shape[1:3]))
+        self.light.build_mips()
+        out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]))
         bg = background("white", img.shape[:3], img.device)
         color, ref = self.composite(out, img, bg)
         srgb, ref_srgb = linear_to_srgb(color).clamp(0, 1), linear_to_srgb(ref).clamp(0, 1)
@@ -148,22 +222,103 @@ class ReconSystem(L.LightningModule):
         self.log_dict({"val/psnr": psnr(srgb, ref_srgb), "val/iou": iou.float()}, batch_size=img.shape[0])
         if batch_idx == 0 and self.logger is not None and hasattr(self.logger.experiment, "add_image"):
             err = (srgb - ref_srgb).abs().mean(-1, keepdim=True).expand_as(srgb) * 4
-            grid = torch.cat([ref_srgb[0], srgb[0], err[0].clamp(0, 1)], dim=1)  # [H,3W,3]
-            self.logger.experiment.add_image("val/reference_render_error", grid.permute(2, 0, 1), self.global_step)
+            row1 = torch.cat([ref_srgb[0], srgb[0], err[0].clamp(0, 1)], dim=1)  # [H,3W,3]
+            kd = linear_to_srgb(out["kd"][0]).clamp(0, 1)
+            ks = out["ks"][0].clamp(0, 1)
+            nrm = (out["normal"][0] * 0.5 + 0.5) * out["alpha"][0]
+            row2 = torch.cat([kd, ks, nrm.clamp(0, 1)], dim=1)
+            grid = torch.cat([row1, row2], dim=0)
+            self.logger.experiment.add_image("val/ref_render_error__kd_orm_normal", grid.permute(2, 0, 1), self.global_step)
+
+    # ------------------------------------------------------------------------------------------ passes
+    @torch.no_grad()
+    def bake(self) -> tuple[Mesh, Tensor]:
+        """Pass-1 result as a textured mesh: extract, cull invisible faces, decimate, unwrap, bake [R,R,9].
+
+        Statistics (triangle counts, seconds) go to ``bake_stats``.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        full = self.geometry.extract_mesh()
+        if full.faces.shape[0] == 0:
+            raise SurfaceLostError("the surface vanished: nothing to export (every SDF value has the same sign).")
+        mesh = full
+        if self.bake_cfg.get("cull_invisible", True) and self._trainer is not None and self.trainer.datamodule is not None:
+            frames = self.trainer.datamodule.load_split("train")
+            mesh = cull_invisible(self.rasterizer, full, frames.mvp(), frames.resolution)
+        visible = int(mesh.faces.shape[0])
+        t1 = time.perf_counter()
+        mesh = simplify(mesh, int(self.bake_cfg.get("max_faces", 100_000)))
+        t2 = time.perf_counter()
+        mesh = unwrap(mesh).with_tangents()
+        t3 = time.perf_counter()
+        tex = bake_pbr_textures(self.rasterizer, mesh, self.material.sample, int(self.bake_cfg.get("texture_res", 2048)))
+        self.bake_stats = {
+            "extracted_triangles": int(full.faces.shape[0]), "visible_triangles": visible,
+            "exported_triangles": int(mesh.faces.shape[0]), "cull_seconds": t1 - t0, "simplify_seconds": t2 - t1,
+            "unwrap_seconds": t3 - t2, "bake_seconds": time.perf_counter() - t3,
+        }
+        return mesh, tex
+
+    def begin_pass2(self) -> None:
+        """Switch to pass 2: bake the pass-1 result and make it the optimised mesh and texture."""
+        mesh, tex = self.bake()
+        self.surface = FixedTopologyMesh(mesh).to(self.device)
+        self.textures = TexturePBRMaterial(tex, self.bounds).to(self.device)
+        self.textures.clamp_()
+        self.pass1_result = {"mesh": mesh, "texture": tex, "light": self.light.to_latlong(self.light.base.shape[1]), "stats": dict(self.bake_stats)}
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self.surface is None and self.pass2_steps > 0 and self.global_step >= self.pass1_steps:
+            self.begin_pass2()
+            self.trainer.strategy.setup_optimizers(self.trainer)  # pass-2 parameters, fresh schedule
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        with torch.no_grad():  # nvdiffrec's projections after each step
+            self.light.clamp_(min=0.0)
+            if self.textures is not None:
+                self.textures.clamp_()
+
+    @torch.no_grad()
+    def result(self) -> dict:
+        """What the export writes: ``mesh`` (UV-unwrapped, with tangents), ``texture`` [R,R,9], ``light`` lat-long
+        [H,2H,3] and ``stats``. In pass 2 the optimised mesh and texture; in pass 1 (pass2_steps=0 or a fit stopped
+        early) a fresh bake of the neural material."""
+        if self.surface is None:
+            mesh, tex = self.bake()
+        else:
+            mesh, tex = self.surface().detach(), self.textures.texture.detach()[0]
+        return {"mesh": mesh, "texture": tex, "light": self.light.to_latlong(self.light.base.shape[1]), "stats": dict(self.bake_stats)}
+
+    @torch.no_grad()
+    def extract_mesh(self) -> Mesh:
+        return self.geometry.extract_mesh() if self.surface is None else self.surface().detach()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint taken in pass 2 holds the fixed mesh and texture: build them before the weights load."""
+        state = checkpoint.get("state_dict", {})
+        if "surface.initial_verts" in state and self.surface is None:
+            self.surface = FixedTopologyMesh.empty_like(state, "surface.").to(self.device)
+            self.textures = TexturePBRMaterial(state["textures.texture"][0], self.bounds).to(self.device)
 
     # ------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self):
         o = self.optim_cfg
         betas = tuple(o.get("betas", (0.9, 0.99)))
-        opt = torch.optim.Adam(
-            [{"params": self.geometry.parameters(), "lr": o.get("lr_geometry", 0.03)},
-             {"params": self.material.parameters(), "lr": o.get("lr_material", 0.01)}],
-            betas=betas, eps=1e-15 if o.get("tiny_eps", True) else 1e-8,
-        )
+        lr_light = o.get("lr_light", o.get("lr_material", 0.01))
+        if self.surface is None:
+            groups = [{"name": "geometry", "params": self.geometry.parameters(), "lr": o.get("lr_geometry", 0.03)},
+                      {"name": "material", "params": self.material.parameters(), "lr": o.get("lr_material", 0.01)}]
+            steps = self.pass1_steps
+        else:
+            groups = [{"name": "position", "params": self.surface.parameters(), "lr": o.get("lr_position", 0.001)},
+                      {"name": "texture", "params": self.textures.parameters(), "lr": o.get("lr_texture", 0.01)}]
+            steps = self.pass2_steps
+        groups.append({"name": "light", "params": self.light.parameters(), "lr": lr_light})
+        opt = torch.optim.Adam(groups, betas=betas, eps=1e-15 if o.get("tiny_eps", True) else 1e-8)
         warm, final = int(o.get("warmup_steps", 0)), float(o.get("lr_final_factor", 0.1))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, warm, max(self.max_steps - warm, 1), final)
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, max(steps - warm, 1), final))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -173,10 +328,5 @@ class ReconSystem(L.LightningModule):
             bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
             raise FloatingPointError(
                 f"non-finite gradient at step {self.global_step} in {', '.join(bad)}. "
-                "Lower model.optim.lr_geometry / lr_material."
+                "Lower model.optim.lr_geometry / lr_material / lr_light."
             )
-
-    @torch.no_grad()
-    def extract_mesh(self) -> Mesh:
-        return self.geometry.extract_mesh()
-

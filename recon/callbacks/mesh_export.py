@@ -1,4 +1,4 @@
-"""Export the reconstructed mesh when fitting ends: xatlas unwrap, albedo bake, OBJ/MTL/PNG, metrics."""
+"""Export the reconstruction: after pass 1 (into ``pass1/``) and when fitting ends, then evaluate the files."""
 from __future__ import annotations
 
 import json
@@ -10,34 +10,46 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from recon.eval.evaluate import RUN_INFO, evaluate_run, format_table
-from recon.export.cleanup import cull_invisible
 from recon.export.gltf import write_glb
+from recon.export.hdr import write_hdr
 from recon.export.obj import atomic_write_bytes, write_textured_obj
-from recon.export.uv_bake import bake_texture, simplify, unwrap
+from recon.geometry.mesh import Mesh
+from recon.materials.pbr import split_channels
+
+
+def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_latlong: torch.Tensor | None) -> Path:
+    """Write every export of a textured PBR mesh into ``out_dir``; returns the OBJ path.
+
+    mesh: UV-unwrapped. texture: [R,R,9] (kd, ks = occlusion/roughness/metallic, tangent-space normal).
+    light_latlong: [H,2H,3] linear HDR or None. Files: ``probe.hdr``, ``mesh.glb`` (glTF PBR metallic-roughness;
+    its occlusion is 1 - ks.occlusion, glTF's visibility convention), then ``texture_kd.png`` (sRGB),
+    ``texture_ks.png`` (linear ORM, nvdiffrec's layout), ``texture_n.png``, ``mesh.mtl`` and ``mesh.obj`` last.
+    Each file is written atomically, so an existing ``mesh.obj`` always belongs to a complete export.
+    """
+    out_dir = Path(out_dir)
+    ch = split_channels(texture)
+    if light_latlong is not None:
+        write_hdr(out_dir / "probe.hdr", light_latlong)
+    orm = torch.cat([1 - ch["ks"][..., 0:1], ch["ks"][..., 1:3]], -1)
+    write_glb(out_dir / "mesh.glb", mesh, ch["kd"], orm, ch["nrm"])
+    return write_textured_obj(out_dir, mesh, ch["kd"], ks=ch["ks"], normal_ts=ch["nrm"])
 
 
 class MeshExport(L.Callback):
-    """When training ends (rank zero): write ``mesh.glb`` and ``mesh.obj`` + ``mesh.mtl`` + ``texture_kd.png`` into ``out_dir``,
-    then evaluate the files on the test split into ``metrics.json``.
+    """Writes the exports (see `write_result`) into ``out_dir`` when training ends (rank zero), and the pass-1
+    result into ``out_dir/pass1/`` at the pass boundary; then evaluates the final files into ``metrics.json``.
 
-    texture_res: side of the baked texture in texels. max_faces: decimate larger meshes to this many
-    triangles before unwrapping (0 keeps every triangle; xatlas's time grows fast with the count).
-    cull_invisible: drop faces that no training view sees (interior DMTet surfaces; see export/cleanup.py).
-    save_extracted: also write the full-resolution extracted surface (before decimation) as
-    ``mesh_extracted.ply``. evaluate: run recon.eval on the export.
+    save_extracted: also write the full-resolution surface before clean-up as ``mesh_extracted.ply``.
+    evaluate: run recon.eval on the export, with ``eval_samples`` surface samples for the geometry metrics.
     """
 
-    def __init__(self, out_dir: str, texture_res: int = 2048, max_faces: int = 100_000, cull_invisible: bool = True,
-                 save_extracted: bool = False,
-                 evaluate: bool = True, eval_samples: int = 100_000):
-        self.save_extracted = save_extracted
-        self.cull_invisible = cull_invisible
+    def __init__(self, out_dir: str, save_extracted: bool = False, evaluate: bool = True, eval_samples: int = 100_000):
         self.out_dir = Path(out_dir)
-        self.max_faces = int(max_faces)
-        self.texture_res = int(texture_res)
+        self.save_extracted = save_extracted
         self.evaluate = evaluate
         self.eval_samples = int(eval_samples)
-        self._t0 = None
+        self._t0: float | None = None
+        self._pass_seconds: dict[str, float] = {}
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -46,8 +58,18 @@ class MeshExport(L.Callback):
         info = {"data_dir": str(Path(dm.scene_dir()).resolve()), "format": dm.format if dm.path else "nerf_synthetic",
                 "resolution": list(dm.resolution) if dm.resolution else None,
                 "background_color": list(dm.background_color) if dm.background_color else None,
-                "mask_tolerance": dm.mask_tolerance}
+                "mask_tolerance": dm.mask_tolerance, "light": dict(pl_module.hparams.get("light", {}))}
         atomic_write_bytes(self.out_dir / RUN_INFO, json.dumps(info, indent=2).encode())
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        result = getattr(pl_module, "pass1_result", None)
+        if result is None:
+            return
+        pl_module.pass1_result = None
+        if trainer.is_global_zero:
+            self._pass_seconds["pass1_seconds"] = time.perf_counter() - self._t0 if self._t0 else None
+            write_result(self.out_dir / "pass1", result["mesh"], result["texture"], result["light"])
+            rank_zero_info(f"pass 1 exported to {self.out_dir / 'pass1'} ({result['mesh'].faces.shape[0]} triangles)")
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -58,24 +80,19 @@ class MeshExport(L.Callback):
         fit_seconds = time.perf_counter() - self._t0 if self._t0 else None
         t0 = time.perf_counter()
         with torch.no_grad():
-            full = pl_module.extract_mesh()
-            if self.save_extracted:
-                ply = full.to_trimesh().export(file_type="ply")
+            if self.save_extracted and pl_module.current_pass == 1:
+                ply = pl_module.geometry.extract_mesh().to_trimesh().export(file_type="ply")
                 atomic_write_bytes(self.out_dir / "mesh_extracted.ply", ply)
-            mesh = full
-            if self.cull_invisible:
-                frames = trainer.datamodule.load_split("train")
-                mesh = cull_invisible(pl_module.rasterizer, full, frames.mvp(), frames.resolution)
-            visible_faces = int(mesh.faces.shape[0])
-            mesh = unwrap(simplify(mesh, self.max_faces))
-            kd = bake_texture(pl_module.rasterizer, mesh, pl_module.material.sample, self.texture_res)
-        write_glb(self.out_dir / "mesh.glb", mesh, kd)  # before the OBJ, which is written last
-        obj = write_textured_obj(self.out_dir, mesh, kd)
+            result = pl_module.result()
+        obj = write_result(self.out_dir, result["mesh"], result["texture"], result["light"])
         export_seconds = time.perf_counter() - t0
-        rank_zero_info(f"exported {obj} ({mesh.faces.shape[0]} triangles, {self.texture_res}^2 texture)")
+        mesh = result["mesh"]
+        rank_zero_info(f"exported {obj} ({mesh.faces.shape[0]} triangles, {result['texture'].shape[0]}^2 textures)")
         timing = {"fit_seconds": fit_seconds, "export_seconds": export_seconds, "steps": trainer.global_step,
-                  "extracted_triangles": int(full.faces.shape[0]), "visible_triangles": visible_faces,
+                  "passes": pl_module.current_pass, **self._pass_seconds, **result["stats"],
                   "exported_triangles": int(mesh.faces.shape[0])}
+        if "pass1_seconds" in timing and fit_seconds is not None:
+            timing["pass2_seconds"] = fit_seconds - timing["pass1_seconds"]
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             timing["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(pl_module.device)
         atomic_write_bytes(self.out_dir / "timing.json", json.dumps(timing, indent=2).encode())

@@ -1,4 +1,4 @@
-"""``python -m recon.eval RUN_DIR [--data PATH] [--gt-mesh PATH]``: metrics of an exported reconstruction."""
+"""``python -m recon.eval RUN_DIR [--data PATH] [--gt-mesh PATH] [--light HDR]``: metrics of an exported reconstruction."""
 import argparse
 import sys
 
@@ -12,10 +12,11 @@ def main(argv=None) -> int:
     p.add_argument("--gt-mesh", default=None, help="ground-truth mesh for geometry metrics (default: DATA/gt_mesh.ply)")
     p.add_argument("--split", default="test")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "nvdiffrast"])
+    p.add_argument("--light", default=None, help="relight under this lat-long .hdr probe instead of RUN_DIR/probe.hdr")
     p.add_argument("--samples", type=int, default=100_000, help="surface samples per mesh for chamfer/F-score")
     a = p.parse_args(argv)
     try:
-        m = evaluate_run(a.run_dir, a.data, a.gt_mesh, a.split, a.backend, n_samples=a.samples)
+        m = evaluate_run(a.run_dir, a.data, a.gt_mesh, a.split, a.backend, n_samples=a.samples, light=a.light)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,10 @@
 """Evaluate an exported reconstruction from its files on disk.
 
-``python -m recon.eval RUN_DIR [--data PATH] [--gt-mesh PATH]`` loads ``RUN_DIR/mesh.obj`` with its textures,
-renders it at the data set's test views with recon's renderer, compares with the test images (sRGB over a
-white background) and, given a ground-truth mesh, measures the geometry. Writes ``RUN_DIR/metrics.json``.
+``python -m recon.eval RUN_DIR [--data PATH] [--gt-mesh PATH] [--light HDR]`` loads ``RUN_DIR/mesh.obj`` with its
+textures (``map_Kd``, and ``map_Ks`` + normal map when present) and ``probe.hdr``, renders it at the data set's
+test views with recon's renderer (split-sum PBR under the probe, or unlit albedo for an albedo-only export),
+compares with the test images (sRGB over a white background) and, given a ground-truth mesh, measures the
+geometry. Writes ``RUN_DIR/metrics.json``. ``--light`` relights the export under another lat-long HDR probe.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from recon.data.frames import DataError, FrameDataset
 from recon.data.sources import load_frames
 from recon.eval.metrics import geometry_metrics, psnr, silhouette_iou, ssim
 from recon.export.obj import atomic_write_bytes, load_textured_obj
+from recon.geometry.mesh import Mesh
 
 RUN_INFO = "run.json"
 
@@ -25,6 +28,56 @@ RUN_INFO = "run.json"
 def read_run_info(run_dir: Path) -> dict:
     path = run_dir / RUN_INFO
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_export(run_dir: Path, device: str) -> dict:
+    """The exported files of ``run_dir`` as render inputs: ``mesh`` (welded positions, UV seams in ``uv_faces``,
+    normals, tangents), ``kd`` [1,H,W,3] linear, and when present ``ks``/``nrm`` [1,H,W,3]."""
+    from recon.export.obj import load_pbr_maps
+
+    mesh, texture = load_textured_obj(run_dir / "mesh.obj", device)
+    if texture is None:
+        raise DataError(f"{run_dir / 'mesh.obj'} has no map_Kd texture: the export is incomplete.")
+    # trimesh splits vertices at UV seams: weld positions again so normals and tangents are smooth across seams
+    verts, inverse = torch.unique(mesh.verts, dim=0, return_inverse=True)
+    welded = Mesh(verts=verts, faces=inverse[mesh.faces], uv=mesh.uv, uv_faces=mesh.faces if mesh.uv is not None else None)
+    out = {"mesh": welded.with_tangents() if mesh.uv is not None else welded.with_normals(), "kd": texture}
+    out.update(load_pbr_maps(run_dir / "mesh.obj", device))
+    return out
+
+
+def load_light(path: Path, device: str, settings: dict | None = None):
+    """An EnvironmentLight (mips built) from a lat-long .hdr probe; ``settings``: the run's light settings."""
+    from recon.export.hdr import read_hdr
+    from recon.light import EnvironmentLight
+
+    img = read_hdr(path).to(device)
+    cfg = {k: v for k, v in (settings or {}).items()
+           if k in ("base_res", "min_res", "min_roughness", "max_roughness", "prefilter_samples", "diffuse_res")}
+    if "base_res" not in cfg:
+        cfg["base_res"] = 1 << max(2, int(math.log2(img.shape[0])))
+    cfg["min_res"] = min(cfg.get("min_res", 16), cfg["base_res"])
+    light = EnvironmentLight(**cfg).to(device)
+    light.from_latlong(img)
+    light.build_mips()
+    return light
+
+
+def render_export(rasterizer, export: dict, mvp: torch.Tensor, cam_pos: torch.Tensor, resolution, light=None) -> dict:
+    """Render loaded exports from cameras mvp [B,4,4] / cam_pos [B,3]: PBR under ``light`` when the export has ORM
+    and normal maps and a light is given, else unlit albedo."""
+    from recon.render.shading import render_albedo, render_pbr
+
+    mesh = export["mesh"]
+    if light is None or "ks" not in export:
+        return render_albedo(rasterizer, mesh, mvp, resolution, texture=export["kd"])
+    tex = torch.cat([export["kd"], export["ks"], export.get("nrm", torch.zeros_like(export["kd"]))], -1)
+
+    def material(gb, mask):
+        values = rasterizer.texture(tex, gb["gb_uv"], gb["gb_uv_da"], filter_mode="linear-mipmap-linear")
+        return {"kd": values[..., 0:3], "ks": values[..., 3:6], "nrm": values[..., 6:9]}
+
+    return render_pbr(rasterizer, mesh, mvp, cam_pos, resolution, material, light, perturb="nrm" in export)
 
 
 def _json_number(x: float) -> float | str:
@@ -41,10 +94,10 @@ def evaluate_run(
     device: str | None = None,
     n_samples: int = 100_000,
     write: bool = True,
+    light: str | Path | None = None,
 ) -> dict:
     """Metrics of the export in ``run_dir`` (see module docstring); also written to ``metrics.json``."""
     from recon.render import make_rasterizer
-    from recon.render.shading import render_albedo
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -52,9 +105,12 @@ def evaluate_run(
     if data is None:
         raise DataError(f"no data set known for {run_dir}: pass --data PATH (the scene directory it was fitted to).")
     device = device or ("cuda" if torch.cuda.is_available() and backend != "torch" else "cpu")
-    mesh, texture = load_textured_obj(run_dir / "mesh.obj", device)
-    if texture is None:
-        raise DataError(f"{run_dir / 'mesh.obj'} has no map_Kd texture: the export is incomplete.")
+    export = load_export(run_dir, device)
+    mesh = export["mesh"]
+    light_path = Path(light) if light is not None else run_dir / "probe.hdr"
+    if light is not None and not light_path.is_file():
+        raise DataError(f"light probe {light_path} not found.")
+    env = load_light(light_path, device, info.get("light")) if light_path.is_file() and "ks" in export else None
     frames = load_frames(data, split, info.get("format", "auto"), info.get("background_color"),
                          info.get("mask_tolerance", 0.02))
     if len(frames) == 0:
@@ -67,7 +123,8 @@ def evaluate_run(
     for i in range(len(ds)):
         item = ds[i]
         img = item["img"].to(device)
-        out = render_albedo(rasterizer, mesh, item["mvp"][None].to(device), tuple(img.shape[:2]), texture=texture)
+        out = render_export(rasterizer, export, item["mvp"][None].to(device), item["cam_pos"][None].to(device),
+                            tuple(img.shape[:2]), env)
         color = out["rgb"][0] + (1 - out["alpha"][0])  # over white
         ref = img[..., :3] * img[..., 3:] + (1 - img[..., 3:])
         a, b = linear_to_srgb(color).clamp(0, 1), linear_to_srgb(ref).clamp(0, 1)
@@ -83,7 +140,10 @@ def evaluate_run(
         "ssim": float(np.mean([v["ssim"] for v in per_view])),
         "iou": float(np.mean([v["iou"] for v in per_view])),
         "triangles": int(mesh.faces.shape[0]), "vertices": int(mesh.verts.shape[0]),
+        "shading": "pbr" if env is not None else "albedo",
     }
+    if light is not None:
+        metrics["light"] = str(light_path)
     gt_path = Path(gt_mesh) if gt_mesh is not None else (data / "gt_mesh.ply" if (data / "gt_mesh.ply").is_file() else None)
     if gt_path is not None:
         import trimesh

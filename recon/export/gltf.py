@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from recon.export.obj import atomic_write_bytes, png_bytes, texture_to_srgb8
-from recon.geometry.mesh import Mesh, compute_tangents, vertex_normals
+from recon.geometry.mesh import Mesh, compute_tangents, tangent_handedness, vertex_normals
 
 # glTF 2.0 enums (spec section 5: accessor.componentType, bufferView.target, sampler filters and wraps).
 FLOAT, UNSIGNED_INT = 5126, 5125
@@ -46,18 +46,8 @@ def gltf_tangents(pos: Tensor, faces: Tensor, uv: Tensor, normals: Tensor) -> Te
     axis = torch.where(normals[:, :1].abs() < 0.9, normals.new_tensor([1.0, 0.0, 0.0]), normals.new_tensor([0.0, 1.0, 0.0]))
     fallback = torch.nn.functional.normalize(torch.linalg.cross(normals, axis, dim=-1), dim=-1)
     tangents = torch.where(tangents.norm(dim=-1, keepdim=True) > 0.5, tangents, fallback)
-    p0, p1, p2 = (pos[faces[:, i]] for i in range(3))
-    t0, t1, t2 = (uv[faces[:, i]] for i in range(3))
-    du1, dv1 = (t1 - t0).unbind(-1)
-    du2, dv2 = (t2 - t0).unbind(-1)
-    det = du1 * dv2 - du2 * dv1
-    # dP/dv from p1-p0 = T du1 + B dv1, p2-p0 = T du2 + B dv2; only its direction matters, so scale by sign(det).
-    dpdv = ((p2 - p0) * du1[:, None] - (p1 - p0) * du2[:, None]) * torch.sign(det)[:, None]
-    acc = torch.zeros_like(pos)
-    for corner in range(3):
-        acc = acc.index_add(0, faces[:, corner], dpdv)
-    w = torch.where((torch.linalg.cross(normals, tangents, dim=-1) * -acc).sum(-1) < 0, -1.0, 1.0)
-    return torch.cat([tangents, w.to(pos.dtype)[:, None]], dim=-1)
+    w = tangent_handedness(pos, faces, uv, None, normals, tangents)
+    return torch.cat([tangents, w], dim=-1)
 
 
 def _linear8(image: Tensor) -> np.ndarray:

@@ -80,22 +80,63 @@ def obj_text(mesh: Mesh, mtl_name: str | None = "mesh.mtl", material: str = "rec
     return out.getvalue()
 
 
-def write_textured_obj(out_dir: str | Path, mesh: Mesh, kd_linear: Tensor, name: str = "mesh") -> Path:
+def linear_to_8bit(image: Tensor) -> np.ndarray:
+    """[H,W,C] values in [0,1] -> uint8 with no transfer curve (ORM and normal maps are stored linearly)."""
+    return (image.detach().float().clamp(0, 1) * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def write_textured_obj(
+    out_dir: str | Path,
+    mesh: Mesh,
+    kd_linear: Tensor,
+    name: str = "mesh",
+    ks: Tensor | None = None,
+    normal_ts: Tensor | None = None,
+) -> Path:
     """Write ``{name}.obj`` + ``{name}.mtl`` + ``texture_kd.png`` (sRGB) into ``out_dir``.
 
+    ks: [H,W,3] (occlusion, roughness, metallic) -> ``texture_ks.png`` (linear, ``map_Ks``, nvdiffrec's layout).
+    normal_ts: [H,W,3] tangent-space normals in [-1,1] -> ``texture_n.png`` stored as (n + 1) / 2 (``bump`` and
+    ``norm``; x along increasing u, y up the image, z out of the surface).
     Each file is written atomically, and the OBJ last: an existing ``{name}.obj`` always refers to a
-    complete MTL and texture. Returns the OBJ path.
+    complete MTL and textures. Returns the OBJ path.
     """
     out_dir = Path(out_dir)
     atomic_write_bytes(out_dir / "texture_kd.png", png_bytes(texture_to_srgb8(kd_linear)))
-    mtl = (
-        "# recon material\nnewmtl recon_material\nillum 1\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\n"
-        "map_Kd texture_kd.png\n"
-    )
+    mtl = "# recon material\nnewmtl recon_material\nillum 2\nKa 0 0 0\nKd 1 1 1\nKs 1 1 1\nmap_Kd texture_kd.png\n"
+    if ks is not None:
+        atomic_write_bytes(out_dir / "texture_ks.png", png_bytes(linear_to_8bit(ks)))
+        mtl += "map_Ks texture_ks.png\n"
+    if normal_ts is not None:
+        atomic_write_bytes(out_dir / "texture_n.png", png_bytes(linear_to_8bit(normal_ts * 0.5 + 0.5)))
+        mtl += "bump texture_n.png\nnorm texture_n.png\n"
     atomic_write_bytes(out_dir / f"{name}.mtl", mtl.encode())
     obj_path = out_dir / f"{name}.obj"
     atomic_write_bytes(obj_path, obj_text(mesh, f"{name}.mtl").encode())
     return obj_path
+
+
+def load_pbr_maps(obj_path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The ``map_Ks`` and ``bump``/``norm`` textures named by an OBJ's MTL, as written by `write_textured_obj`.
+
+    Returns a dict with ``ks`` [1,H,W,3] (linear ORM) and/or ``nrm`` [1,H,W,3] (tangent-space, in [-1,1]);
+    empty when the MTL names neither (an albedo-only export).
+    """
+    obj_path = Path(obj_path)
+    mtl_names = [line.split(None, 1)[1].strip() for line in obj_path.read_text().splitlines()[:8] if line.startswith("mtllib ")]
+    out: dict[str, Tensor] = {}
+    if not mtl_names or not (obj_path.parent / mtl_names[0]).is_file():
+        return out
+    keys = {"map_ks": "ks", "norm": "nrm", "bump": "nrm", "map_bump": "nrm"}
+    for line in (obj_path.parent / mtl_names[0]).read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].lower() in keys and keys[parts[0].lower()] not in out:
+            path = obj_path.parent / parts[-1]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} (named in {mtl_names[0]}) not found: the export is incomplete.")
+            img = torch.as_tensor(iio.imread(path)[..., :3].astype(np.float32) / 255.0, device=device)
+            out[keys[parts[0].lower()]] = (img * 2 - 1 if keys[parts[0].lower()] == "nrm" else img)[None].contiguous()
+    return out
 
 
 def load_textured_obj(path: str | Path, device: str | torch.device = "cpu") -> tuple[Mesh, Tensor | None]:

@@ -57,22 +57,24 @@ def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024) -> Mesh:
     )
 
 
-def uv_gbuffer(rasterizer, mesh: Mesh, resolution: int) -> tuple[Tensor, Tensor]:
-    """World positions of every texel of ``mesh``'s UV atlas.
+def uv_gbuffer(rasterizer, mesh: Mesh, resolution: int, attrs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-vertex attributes interpolated over every texel of ``mesh``'s UV atlas.
 
     Rasterizes the mesh in texture space (uv -> clip xy); texel row i holds v = (i + 0.5) / resolution,
-    matching the texture() lookup convention. Returns gb_pos [R,R,3] and mask [R,R] bool.
+    matching the texture() lookup convention. attrs: [Nv,C] per position vertex (default: the positions).
+    Returns values [R,R,C] and mask [R,R] bool.
     """
     if mesh.uv is None or mesh.uv_faces is None:
         raise ValueError("uv_gbuffer needs a UV-unwrapped mesh (see unwrap()).")
+    attrs = mesh.verts if attrs is None else attrs
     uv = mesh.uv
     pos_clip = torch.cat([uv * 2 - 1, torch.zeros_like(uv[:, :1]), torch.ones_like(uv[:, :1])], -1)[None]
     rast, _ = rasterizer.rasterize(pos_clip.contiguous(), mesh.uv_faces, (resolution, resolution))
-    # the world position of each UV vertex: uv_faces and faces index the same triangles
-    pos_per_uv = torch.zeros(uv.shape[0], 3, device=uv.device, dtype=mesh.verts.dtype)
-    pos_per_uv[mesh.uv_faces.reshape(-1)] = mesh.verts[mesh.faces.reshape(-1)]
-    gb_pos, _ = rasterizer.interpolate(pos_per_uv, rast, mesh.uv_faces)
-    return gb_pos[0], rast[0, ..., 3] > 0
+    # the attribute of each UV vertex: uv_faces and faces index the same triangles
+    per_uv = torch.zeros(uv.shape[0], attrs.shape[-1], device=uv.device, dtype=attrs.dtype)
+    per_uv[mesh.uv_faces.reshape(-1)] = attrs[mesh.faces.reshape(-1)]
+    values, _ = rasterizer.interpolate(per_uv, rast, mesh.uv_faces)
+    return values[0], rast[0, ..., 3] > 0
 
 
 def dilate(texture: Tensor, mask: Tensor) -> Tensor:
@@ -100,6 +102,37 @@ def bake_texture(
     values = torch.cat([field(pts[i : i + chunk]) for i in range(0, max(pts.shape[0], 1), chunk)]) if pts.shape[0] else None
     if values is None:
         raise ValueError("the UV atlas covers no texel; the mesh is degenerate.")
+    tex = values.new_zeros(resolution, resolution, values.shape[-1])
+    tex[mask] = values
+    return dilate(tex, mask)
+
+
+@torch.no_grad()
+def bake_pbr_textures(rasterizer, mesh: Mesh, material: Callable[[Tensor], Tensor], resolution: int,
+                      chunk: int = 1 << 18) -> Tensor:
+    """Bake a 9-channel PBR field (see recon.materials.pbr) into a dilated [R,R,9] texture of ``mesh``'s atlas.
+
+    material: world points [N,3] -> [N,9] (kd, ks, tangent-space normal in the `reference_tangent` frame).
+    The normal channels are re-expressed in the exported mesh's own UV tangent frame, so the texture shades
+    the same world-space normal the field did: rendering the textured mesh reproduces the field.
+    """
+    from recon.render.shading import perturb_normal, reference_tangent, to_tangent_space
+
+    mesh = mesh if mesh.tangents is not None and mesh.handedness is not None else mesh.with_tangents()
+    frame = torch.cat([mesh.verts, mesh.normals, mesh.tangents, mesh.handedness], -1)
+    gb, mask = uv_gbuffer(rasterizer, mesh, resolution, frame)
+    gb = gb[mask]
+    if gb.shape[0] == 0:
+        raise ValueError("the UV atlas covers no texel; the mesh is degenerate.")
+    out = []
+    for i in range(0, gb.shape[0], chunk):
+        g = gb[i : i + chunk]
+        pos, n = g[:, 0:3], torch.nn.functional.normalize(g[:, 3:6], dim=-1)
+        t, w = g[:, 6:9], torch.where(g[:, 9:10] < 0, -1.0, 1.0)
+        values = material(pos)
+        world = perturb_normal(values[:, 6:9], n, reference_tangent(n))
+        out.append(torch.cat([values[:, :6], to_tangent_space(world, n, t, w)], -1))
+    values = torch.cat(out)
     tex = values.new_zeros(resolution, resolution, values.shape[-1])
     tex[mask] = values
     return dilate(tex, mask)

@@ -69,6 +69,29 @@ def compute_tangents(verts: Tensor, faces: Tensor, uv: Tensor, uv_faces: Tensor 
     return safe_normalize(tangents - _dot(tangents, normals) * normals)
 
 
+def tangent_handedness(
+    verts: Tensor, faces: Tensor, uv: Tensor, uv_faces: Tensor | None, normals: Tensor, tangents: Tensor
+) -> Tensor:
+    """Per-vertex sign w [Nv,1] (+-1) making ``w * cross(normal, tangent)`` point up the texture (decreasing v).
+
+    This is glTF's TANGENT.w (MikkTSpace's bitangent sign): +1 on charts laid out unmirrored, -1 on mirrored
+    ones. A tangent-space normal (x, y, z) means ``x * tangent + y * w * cross(normal, tangent) + z * normal``.
+    """
+    uv_faces = faces if uv_faces is None else uv_faces
+    p0, p1, p2 = (verts[faces[:, i]] for i in range(3))
+    t0, t1, t2 = (uv[uv_faces[:, i]] for i in range(3))
+    du1, dv1 = (t1 - t0).unbind(-1)
+    du2, dv2 = (t2 - t0).unbind(-1)
+    det = du1 * dv2 - du2 * dv1
+    # dP/dv from p1-p0 = T du1 + B dv1, p2-p0 = T du2 + B dv2; only its direction matters, so scale by sign(det).
+    dpdv = ((p2 - p0) * du1[:, None] - (p1 - p0) * du2[:, None]) * torch.sign(det)[:, None]
+    acc = torch.zeros_like(verts)
+    for corner in range(3):
+        acc = acc.index_add(0, faces[:, corner], dpdv)
+    up = -acc  # up the image = decreasing v
+    return torch.where(_dot(torch.linalg.cross(normals, tangents, dim=-1), up) < 0, -1.0, 1.0).to(verts.dtype)
+
+
 def laplacian_uniform(verts_count: int, faces: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform graph Laplacian `L = I - D^-1 A` as a sparse COO `[Nv,Nv]` tensor.
 
@@ -107,7 +130,8 @@ class Mesh:
     verts: [Nv,3] float; faces: [Nf,3] int64; normals: [Nv,3] unit, indexed by `faces`;
     uv: [Nuv,2] texture coordinates in [0,1] with their own index buffer `uv_faces [Nf,3]`
     (as OBJ: a vertex on a UV seam has one position and several UVs);
-    tangents: [Nv,3] unit, indexed by `faces` (see `compute_tangents`).
+    tangents: [Nv,3] unit, indexed by `faces` (see `compute_tangents`); handedness: [Nv,1] +-1, the bitangent
+    sign (see `tangent_handedness`).
     """
 
     verts: Tensor
@@ -116,6 +140,7 @@ class Mesh:
     uv: Tensor | None = None
     uv_faces: Tensor | None = None
     tangents: Tensor | None = None
+    handedness: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +164,8 @@ class Mesh:
             raise ValueError("Mesh.with_tangents needs texture coordinates: this mesh has uv=None.")
         mesh = self if self.normals is not None else self.with_normals()
         tangents = compute_tangents(mesh.verts, mesh.faces, mesh.uv, mesh.uv_faces, mesh.normals)
-        return replace(mesh, tangents=tangents)
+        sign = tangent_handedness(mesh.verts, mesh.faces, mesh.uv, mesh.uv_faces, mesh.normals, tangents)
+        return replace(mesh, tangents=tangents, handedness=sign)
 
     def _map(self, fn) -> Mesh:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

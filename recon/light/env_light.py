@@ -213,7 +213,7 @@ class EnvironmentLight(nn.Module):
         """
         res = pooled[level].shape[1]
         dev = pooled[level].device
-        n_samples = int(max(self.prefilter_samples, min(1024, 2**19 // (6 * res * res))))
+        n_samples = int(max(self.prefilter_samples, min(1024, 2**17 // (6 * res * res))))
         h = importance_sample_ggx(hammersley(n_samples, dev), roughness)  # [S,3] tangent space
         l_t = 2 * h[:, 2:3] * h - torch.tensor([0.0, 0.0, 1.0], device=dev)  # reflect N about H, V = N
         n_dot_l = l_t[:, 2]

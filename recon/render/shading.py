@@ -75,3 +75,115 @@ def with_coverage(rasterizer, color: Tensor, gb: dict, faces: Tensor, antialias:
     if antialias:  # the analytic silhouette gradients come from here
         rgba = rasterizer.antialias(rgba.contiguous(), gb["rast"], gb["pos_clip"], faces)
     return rgba[..., :-1], rgba[..., -1:].clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------ PBR shading
+NORMAL_THRESHOLD = 0.1  # nvdiffrec's: below this cos(view, shading normal) the geometric normal takes over
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(-1, keepdim=True)
+
+
+def _normalize(v: Tensor) -> Tensor:
+    return v * torch.rsqrt(_dot(v, v).clamp_min(1e-20))
+
+
+def reference_tangent(n: Tensor) -> Tensor:
+    """A unit tangent [...,3] of unit normals n [...,3] that needs no UVs: the direction of cross(+y, n).
+
+    Used by the neural material (pass 1), whose normal perturbation lives in this frame; it is smooth everywhere
+    except at n = +-y (a point on any closed surface, where +x is taken instead).
+    """
+    up = torch.zeros_like(n)
+    up[..., 1] = 1.0
+    t = torch.linalg.cross(up, n, dim=-1)
+    fallback = torch.zeros_like(n)
+    fallback[..., 0] = 1.0
+    return _normalize(torch.where(_dot(t, t) > 1e-12, t, fallback))
+
+
+def perturb_normal(nrm_ts: Tensor, normal: Tensor, tangent: Tensor, handedness: Tensor | float = 1.0) -> Tensor:
+    """World-space shading normal from a tangent-space one (nvdiffrec's ``_perturb_normal``, OpenGL convention).
+
+    nrm_ts: [...,3] (x along the tangent, y along the bitangent = handedness * cross(normal, tangent), z along
+    the normal; z clamped >= 0); normal, tangent: [...,3] unit. handedness: +-1, [...,1] or scalar. Returns unit [...,3].
+    """
+    t = _normalize(tangent - _dot(tangent, normal) * normal)
+    b = torch.linalg.cross(normal, t, dim=-1) * handedness
+    return _normalize(t * nrm_ts[..., 0:1] + b * nrm_ts[..., 1:2] + normal * nrm_ts[..., 2:3].clamp_min(0))
+
+
+def to_tangent_space(world: Tensor, normal: Tensor, tangent: Tensor, handedness: Tensor | float = 1.0) -> Tensor:
+    """Inverse of `perturb_normal` for unit vectors: world [...,3] -> tangent-space [...,3] of frame (t, b, n)."""
+    t = _normalize(tangent - _dot(tangent, normal) * normal)
+    b = torch.linalg.cross(normal, t, dim=-1) * handedness
+    return torch.cat([_dot(world, t), _dot(world, b), _dot(world, normal)], -1)
+
+
+def bend_normal(view: Tensor, shading: Tensor, geometric: Tensor, two_sided: bool = True) -> Tensor:
+    """nvdiffrec's ``_bend_normal``: flip back-facing normals (two-sided), and fade towards the geometric normal
+    where the shading normal turns away from the viewer. All [...,3] unit."""
+    if two_sided:
+        front = _dot(geometric, view) > 0
+        shading = torch.where(front, shading, -shading)
+        geometric = torch.where(front, geometric, -geometric)
+    t = (_dot(view, shading) / NORMAL_THRESHOLD).clamp(0, 1)
+    return torch.lerp(geometric, shading, t)
+
+
+def render_pbr(
+    rasterizer,
+    mesh: Mesh,
+    mvp: Tensor,
+    cam_pos: Tensor,
+    resolution: tuple[int, int],
+    material: Callable[[dict, Tensor], dict],
+    light,
+    antialias: bool = True,
+    depth: bool = False,
+    perturb: bool = True,
+) -> dict:
+    """Split-sum PBR render of ``mesh`` under an `EnvironmentLight` (its mips built).
+
+    mesh: needs ``normals``; with ``tangents`` (and ``uv``) the normal perturbation uses the UV tangent frame,
+    else `reference_tangent`. mvp: [B,4,4]; cam_pos: [B,3] world space. material(gb, mask) returns ``kd``,
+    ``ks``, ``nrm`` (and optionally ``kd_grad`` [N,1]) for the N covered pixels, each [N,3], or as images
+    [B,H,W,C] (a texture lookup). Returns the G-buffers plus ``rgb`` [B,H,W,3] linear HDR premultiplied by
+    coverage, ``alpha`` [B,H,W,1], the material images ``kd``/``ks``/``normal`` [B,H,W,3] (zero where
+    uncovered), ``kd_grad`` [B,H,W,1] when the material gives it and, with ``depth``, ``depth`` [B,H,W,1]
+    (distance along the camera's view axis, scene units; 0 where uncovered).
+    """
+    from recon.geometry.mesh import face_normals
+
+    gb = rasterize_gbuffers(rasterizer, mesh, mvp, resolution)
+    mask = gb["mask"]
+    n_pix = mask.shape
+    smooth, _ = rasterizer.interpolate(mesh.normals, gb["rast"], mesh.faces)
+    pos = gb["gb_pos"][mask]
+    n_smooth = _normalize(smooth[mask])
+    tri = gb["rast"][..., 3][mask].long() - 1
+    n_geom = _normalize(face_normals(mesh.verts, mesh.faces))[tri]
+    if mesh.tangents is not None:
+        frame = mesh.tangents if mesh.handedness is None else torch.cat([mesh.tangents, mesh.handedness], -1)
+        frame, _ = rasterizer.interpolate(frame, gb["rast"], mesh.faces)
+        frame = frame[mask]
+        tangent = frame[..., :3]
+        hand = torch.where(frame[..., 3:4] < 0, -1.0, 1.0) if frame.shape[-1] == 4 else 1.0
+    else:
+        tangent, hand = reference_tangent(n_smooth), 1.0
+    view_pos = cam_pos[:, None, None, :].expand(*n_pix, 3)[mask]
+    mat = material(gb, mask)
+    mat = {k: (v[mask] if v.dim() == 4 else v) for k, v in mat.items()}
+    n_shade = perturb_normal(mat["nrm"], n_smooth, tangent, hand) if perturb else n_smooth
+    n_shade = bend_normal(_normalize(view_pos - pos), n_shade, n_geom)
+    color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos)
+    values = torch.cat([color, mat["kd"], mat["ks"], n_shade] + ([mat["kd_grad"]] if "kd_grad" in mat else []), -1)
+    images = values.new_zeros(*n_pix, values.shape[-1]).index_put((mask,), values)
+    gb["rgb"], gb["alpha"] = with_coverage(rasterizer, images[..., :3], gb, mesh.faces, antialias)
+    gb["kd"], gb["ks"], gb["normal"] = images[..., 3:6], images[..., 6:9], images[..., 9:12]
+    if "kd_grad" in mat:
+        gb["kd_grad"] = images[..., 12:13]
+    if depth:
+        gb["depth"], _ = rasterizer.interpolate(gb["pos_clip"][..., 3:4].contiguous(), gb["rast"], mesh.faces)
+    return gb

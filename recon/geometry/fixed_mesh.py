@@ -1,0 +1,47 @@
+"""A triangle mesh with fixed topology and learnable vertex positions (nvdiffrec's pass 2, ``DLMesh``)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from recon.geometry.mesh import Mesh, laplacian_loss
+
+
+class FixedTopologyMesh(nn.Module):
+    """Vertex positions = initial positions + a learnable offset; faces and UVs never change.
+
+    mesh: the starting mesh (needs ``uv``/``uv_faces`` for texturing). Every tensor is a buffer (checkpoints
+    hold them, so a run resumed in this pass rebuilds the same mesh) and ``offset [Nv,3]`` is the parameter.
+    """
+
+    def __init__(self, mesh: Mesh):
+        super().__init__()
+        if mesh.uv is None or mesh.uv_faces is None:
+            raise ValueError("FixedTopologyMesh needs a UV-unwrapped mesh (uv and uv_faces).")
+        self.register_buffer("initial_verts", mesh.verts.detach().float().clone())
+        self.register_buffer("faces", mesh.faces.detach().long().clone())
+        self.register_buffer("uv", mesh.uv.detach().float().clone())
+        self.register_buffer("uv_faces", mesh.uv_faces.detach().long().clone())
+        self.offset = nn.Parameter(torch.zeros_like(self.initial_verts))
+
+    @classmethod
+    def empty_like(cls, state: dict[str, Tensor], prefix: str = "") -> FixedTopologyMesh:
+        """A module shaped like the one whose ``state_dict`` is ``state`` (keys under ``prefix``), for loading."""
+        mesh = Mesh(verts=state[prefix + "initial_verts"], faces=state[prefix + "faces"],
+                    uv=state[prefix + "uv"], uv_faces=state[prefix + "uv_faces"])
+        return cls(mesh)
+
+    @property
+    def verts(self) -> Tensor:
+        return self.initial_verts + self.offset
+
+    def forward(self) -> Mesh:
+        """The current mesh with area-weighted normals, UV tangents and their handedness (differentiable)."""
+        return Mesh(verts=self.verts, faces=self.faces, uv=self.uv, uv_faces=self.uv_faces).with_tangents()
+
+    def laplacian_regularizer(self) -> Tensor:
+        """nvdiffrec's relative Laplacian term: mean squared Laplacian of the offset (penalises local shape change)."""
+        return laplacian_loss(self.verts, self.faces, self.initial_verts)
+
+    def extra_repr(self) -> str:
+        return f"verts={self.initial_verts.shape[0]}, faces={self.faces.shape[0]}, uv={self.uv.shape[0]}"

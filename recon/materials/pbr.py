@@ -1,0 +1,127 @@
+"""PBR materials as nvdiffrec models them: albedo ``kd``, ORM ``ks`` and a tangent-space normal perturbation.
+
+Nine channels, always in this order: ``kd`` (linear RGB albedo), ``ks`` = (occlusion, roughness, metallic) and
+``nrm`` = tangent-space normal (x along the tangent, y along the bitangent, z along the surface normal). The
+occlusion channel follows nvdiffrec: shading is scaled by ``1 - occlusion`` (0 = unoccluded).
+
+Two representations share that layout:
+- `NeuralPBRMaterial`: a hash-grid MLP over the object's box (pass 1, any topology);
+- `TexturePBRMaterial`: one learnable 9-channel 2D texture over a UV atlas (pass 2, fixed mesh).
+Both squash or clamp every channel into per-channel bounds (``kd_min/max``, ``ks_min/max``, ``nrm_min/max``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recon.materials.mlp_texture import MLPTexture3D
+
+CHANNELS = 9
+KD, KS, NRM = slice(0, 3), slice(3, 6), slice(6, 9)
+
+# nvdiffrec's defaults: roughness never below 0.08 (the split-sum table's useful range), normals in the upper hemisphere.
+DEFAULT_BOUNDS = {
+    "kd_min": (0.0, 0.0, 0.0), "kd_max": (1.0, 1.0, 1.0),
+    "ks_min": (0.0, 0.08, 0.0), "ks_max": (1.0, 1.0, 1.0),
+    "nrm_min": (-1.0, -1.0, 0.0), "nrm_max": (1.0, 1.0, 1.0),
+}
+
+
+def channel_bounds(
+    kd_min: Sequence[float] = DEFAULT_BOUNDS["kd_min"], kd_max: Sequence[float] = DEFAULT_BOUNDS["kd_max"],
+    ks_min: Sequence[float] = DEFAULT_BOUNDS["ks_min"], ks_max: Sequence[float] = DEFAULT_BOUNDS["ks_max"],
+    nrm_min: Sequence[float] = DEFAULT_BOUNDS["nrm_min"], nrm_max: Sequence[float] = DEFAULT_BOUNDS["nrm_max"],
+) -> Tensor:
+    """Per-channel lower and upper bounds [2,9] from the six 3-vectors; checks that every min <= max."""
+    lo = torch.tensor([*kd_min, *ks_min, *nrm_min], dtype=torch.float32)
+    hi = torch.tensor([*kd_max, *ks_max, *nrm_max], dtype=torch.float32)
+    if lo.numel() != CHANNELS or hi.numel() != CHANNELS:
+        raise ValueError("material bounds kd_min/kd_max/ks_min/ks_max/nrm_min/nrm_max must each have 3 values.")
+    if bool((lo > hi).any()):
+        bad = [i for i in range(CHANNELS) if lo[i] > hi[i]]
+        raise ValueError(f"material bounds: min exceeds max in channel(s) {bad} (kd 0-2, ks 3-5, nrm 6-8).")
+    return torch.stack([lo, hi])
+
+
+def split_channels(values: Tensor) -> dict[str, Tensor]:
+    """[...,9] -> ``kd``, ``ks`` [...,3] and ``nrm`` [...,3] (views of the input)."""
+    return {"kd": values[..., KD], "ks": values[..., KS], "nrm": values[..., NRM]}
+
+
+class NeuralPBRMaterial(nn.Module):
+    """nvdiffrec's ``kd_ks_normal`` field: one hash-grid MLP predicting all nine channels.
+
+    aabb: [2,3] box of the field, world space. bounds: [2,9] (see `channel_bounds`). Remaining keyword arguments
+    go to `MLPTexture3D` (``n_neurons``, ``n_hidden_layers``, ``encoding``, ``backend``).
+    ``smoothness_jitter`` is the standard deviation (scene units) of the offset used by `sample`'s
+    albedo-smoothness term (nvdiffrec: 0.01).
+    """
+
+    def __init__(self, aabb: Tensor, bounds: Tensor | None = None, smoothness_jitter: float = 0.01, **mlp):
+        super().__init__()
+        bounds = channel_bounds() if bounds is None else torch.as_tensor(bounds, dtype=torch.float32)
+        self.field = MLPTexture3D(aabb, channels=CHANNELS, min_max=bounds, **mlp)
+        self.smoothness_jitter = float(smoothness_jitter)
+
+    @property
+    def bounds(self) -> Tensor:
+        return self.field.min_max
+
+    def forward(self, points: Tensor, smoothness: bool = False) -> dict[str, Tensor]:
+        """Material at world points [N,3]: ``kd``, ``ks``, ``nrm`` [N,3]; with ``smoothness`` also ``kd_grad`` [N,1],
+        the mean absolute albedo change over a random offset of ``smoothness_jitter`` (nvdiffrec's kd regulariser)."""
+        if smoothness:
+            jittered = points + torch.randn_like(points) * self.smoothness_jitter
+            both = self.field.sample(torch.cat([points, jittered]))  # one network pass for both
+            values, values_j = both[: points.shape[0]], both[points.shape[0]:]
+            out = split_channels(values)
+            out["kd_grad"] = (values_j[..., KD] - values[..., KD]).abs().mean(-1, keepdim=True)
+            return out
+        return split_channels(self.field.sample(points))
+
+    def sample(self, points: Tensor) -> Tensor:
+        """All nine channels at world points [N,3] -> [N,9] (for baking)."""
+        return self.field.sample(points)
+
+
+class TexturePBRMaterial(nn.Module):
+    """Learnable 9-channel texture [1,R,R,9] over a mesh's UV atlas, sampled with mip-mapping (pass 2).
+
+    texture: initial values [R,R,9] or [1,R,R,9] (usually baked from `NeuralPBRMaterial`). bounds: [2,9].
+    Call `clamp_()` after each optimiser step: values stay inside the bounds and normals unit length.
+    """
+
+    def __init__(self, texture: Tensor, bounds: Tensor | None = None):
+        super().__init__()
+        texture = texture.detach().float()
+        if texture.dim() == 3:
+            texture = texture[None]
+        if texture.dim() != 4 or texture.shape[0] != 1 or texture.shape[-1] != CHANNELS:
+            raise ValueError(f"a PBR texture must be [R,R,{CHANNELS}] or [1,R,R,{CHANNELS}], got {tuple(texture.shape)}.")
+        bounds = channel_bounds() if bounds is None else torch.as_tensor(bounds, dtype=torch.float32)
+        self.register_buffer("bounds", bounds.to(texture.device).clone())
+        self.texture = nn.Parameter(texture.clone())
+
+    @property
+    def resolution(self) -> int:
+        return int(self.texture.shape[1])
+
+    def forward(self, rasterizer, gb_uv: Tensor, gb_uv_da: Tensor | None) -> dict[str, Tensor]:
+        """Sample at G-buffer UVs [B,H,W,2] (derivatives [B,H,W,4] select the mip level) -> ``kd``/``ks``/``nrm`` [B,H,W,3]."""
+        mode = "linear-mipmap-linear" if gb_uv_da is not None else "linear"
+        values = rasterizer.texture(self.texture, gb_uv, gb_uv_da, filter_mode=mode)
+        return split_channels(values)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep values in bounds and tangent-space normals unit length (nvdiffrec clamps after each step)."""
+        t = self.texture
+        t.copy_(torch.maximum(torch.minimum(t, self.bounds[1]), self.bounds[0]))
+        t[..., NRM] = F.normalize(t[..., NRM], dim=-1, eps=1e-8)
+
+    def split(self) -> dict[str, Tensor]:
+        """The texture as ``kd``, ``ks``, ``nrm`` images [R,R,3] (detached)."""
+        return split_channels(self.texture.detach()[0])
