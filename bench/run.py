@@ -28,10 +28,12 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repo
     sys.path.insert(0, str(ROOT))
 
 from recon.export.obj import atomic_write_bytes
-from recon.render.shading import rasterize_gbuffers, shade_covered, with_coverage
 from recon.system import background
 
-STAGES = ("marching_tets", "rasterize", "material", "shading/antialias", "loss", "backward", "optimizer")
+# One training step, stage by stage; "mesh" is marching tets in pass 1 and normals/tangents of the fixed mesh in
+# pass 2, "material" the hash-grid MLP (pass 1) or the texture lookup (pass 2), "light" the prefiltering of the
+# environment light's mip chain.
+STAGES = ("light", "mesh", "rasterize", "material", "shading/antialias", "loss", "backward", "optimizer")
 RESULT_KEYS = (
     "preset", "device", "torch", "git_commit", "config", "wall_seconds", "mesh_seconds", "fit_seconds",
     "export_seconds", "iterations_per_second", "peak_gpu_memory_bytes", "peak_host_memory_bytes", "triangles",
@@ -60,7 +62,9 @@ def config_summary(cfg) -> dict:
     res = cfg.data.resolution
     res = [int(r) for r in res] if not isinstance(res, int) else [int(res), int(res)]
     return {"resolution": res, "batch": int(cfg.data.batch_size), "tet_grid": int(cfg.model.geometry.tet_grid),
-            "steps": int(cfg.trainer.max_steps), "texture_res": int(cfg.callbacks.mesh_export.texture_res)}
+            "pass1_steps": int(cfg.model.pass1_steps), "pass2_steps": int(cfg.model.pass2_steps),
+            "steps": int(cfg.trainer.max_steps), "texture_res": int(cfg.model.bake.texture_res),
+            "light_res": int(cfg.model.light.base_res)}
 
 
 def training_device(cfg) -> torch.device:
@@ -167,43 +171,44 @@ def training_step_stages(system, batch: dict, opt, sched, timer: StageTimer) -> 
     """One training step as ReconSystem.training_step + Lightning's backward/step, with a timer mark per stage."""
     img = batch["img"]
     timer.mark()
-    mesh = system.mesh()                                                          # marching_tets
+    system.light.build_mips()                                                     # light
     timer.mark()
-    gb = rasterize_gbuffers(system.rasterizer, mesh, batch["mvp"], tuple(img.shape[1:3]))  # rasterize
-    timer.mark()
-    color = shade_covered(gb["mask"], gb["gb_pos"], system.material.sample)       # material
-    timer.mark()
-    rgb, alpha = with_coverage(system.rasterizer, color, gb, mesh.faces)             # shading/antialias
-    timer.mark()
+    out = system.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]),   # mesh, rasterize, material,
+                        smoothness=system.surface is None, mark=timer.mark)       # shading/antialias
     bg = background(system.loss_cfg.get("background", "random"), img.shape[:3], img.device)  # loss
-    loss = system.losses({"rgb": rgb, "alpha": alpha}, img, bg)["total"]
+    loss = system.losses(out, img, bg)["total"]
     timer.mark()
     loss.backward()                                                               # backward
     timer.mark()
     opt.step()                                                                    # optimizer
     sched.step()
     opt.zero_grad(set_to_none=True)
+    system.on_train_batch_end(None, batch, 0)
     timer.mark()
     return loss.detach()
 
 
-def profile_stages(cfg, steps: int = 30, warmup: int = 5, device: torch.device | None = None) -> dict:
-    """Time ``steps`` hand-driven training steps of ``cfg`` stage by stage, after ``warmup`` untimed steps.
+def start_pass2(system, run_dir: Path | None) -> None:
+    """Put a profiled system into pass 2 on a realistic mesh: the pass-1 export of the end-to-end run (``run_dir/pass1``)
+    when it exists, else a bake of the system's own (barely trained) surface."""
+    from recon.eval.evaluate import load_export
+    from recon.geometry.fixed_mesh import FixedTopologyMesh
+    from recon.materials.pbr import TexturePBRMaterial
 
-    Returns ``stages`` {name: {median_ms, p90_ms}}, ``step_ms`` {median_ms, p90_ms} of the stages' per-step sum,
-    ``wall_step_ms`` (median wall time of a whole step, timed separately around it, with a synchronize on CUDA),
-    ``device`` and ``steps``. On CUDA the stages are spans between events on the stream: GPU time, plus any host
-    gap (launch overhead, host syncs such as the marching-tets compaction) inside the span.
-    """
-    device = device or training_device(cfg)
-    datamodule, system, opt, sched = build_for_profile(cfg, device)
-    system.train()
+    if run_dir is not None and (run_dir / "pass1" / "mesh.obj").is_file():
+        exp = load_export(run_dir / "pass1", str(system.device))
+        tex = torch.cat([exp["kd"], exp["ks"], exp["nrm"]], -1)[0]
+        system.surface = FixedTopologyMesh(exp["mesh"]).to(system.device)
+        system.textures = TexturePBRMaterial(tex, system.bounds).to(system.device)
+    else:
+        system.begin_pass2()
+
+
+def _time_steps(system, datamodule, opt, sched, device: torch.device, steps: int, warmup: int) -> dict:
     timer = StageTimer(device)
     batches = _batches(datamodule, device)
     per_stage: dict[str, list[float]] = {name: [] for name in STAGES}
     wall = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     for i in range(warmup + steps):
         batch = next(batches)
         if device.type == "cuda":
@@ -221,9 +226,34 @@ def profile_stages(cfg, steps: int = 30, warmup: int = 5, device: torch.device |
     def stats(v) -> dict:
         return {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90))}
 
+    return {"stages": {n: stats(per_stage[n]) for n in STAGES}, "step_ms": stats(totals),
+            "wall_step_ms": float(np.median(wall))}
+
+
+def profile_stages(cfg, steps: int = 30, warmup: int = 5, device: torch.device | None = None,
+                   run_dir: Path | None = None) -> dict:
+    """Time ``steps`` hand-driven training steps of each pass of ``cfg`` stage by stage, after ``warmup`` untimed steps.
+
+    Pass 2 runs on the end-to-end run's pass-1 export (``run_dir/pass1``) when given, so its mesh and textures have
+    the real size. Returns ``stages`` {name: {median_ms, p90_ms}}, ``step_ms`` {median_ms, p90_ms} of the stages'
+    per-step sum, ``wall_step_ms`` (median wall time of a whole step, with a synchronize on CUDA), the same under
+    ``pass2`` (when the preset has a pass 2), ``device`` and ``steps``. On CUDA the stages are spans between events
+    on the stream: GPU time, plus any host gap (launch overhead, host syncs such as the marching-tets compaction).
+    """
+    device = device or training_device(cfg)
+    datamodule, system, opt, sched = build_for_profile(cfg, device)
+    system.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     result = {"device": device_label(device), "steps": steps, "warmup": warmup,
-              "stages": {n: stats(per_stage[n]) for n in STAGES}, "step_ms": stats(totals),
-              "wall_step_ms": float(np.median(wall))}
+              **_time_steps(system, datamodule, opt, sched, device, steps, warmup)}
+    if int(cfg.model.pass2_steps) > 0:
+        start_pass2(system, run_dir)
+        conf = system.configure_optimizers()
+        result["pass2"] = _time_steps(system, datamodule, conf["optimizer"], conf["lr_scheduler"]["scheduler"], device,
+                                      steps, warmup)
+        result["pass2"]["triangles"] = int(system.surface.faces.shape[0])
+        result["pass2"]["texture_res"] = system.textures.resolution
     if device.type == "cuda":
         result["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return result
@@ -249,8 +279,10 @@ def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
                       "exported": timing.get("exported_triangles", metrics.get("triangles"))},
         "quality": {"psnr": metrics.get("psnr"), "ssim": metrics.get("ssim"), "iou": metrics.get("iou"),
                     "chamfer_l1": geo.get("chamfer_l1"), **fscore, "triangles": metrics.get("triangles")},
+        "pass1_seconds": timing.get("pass1_seconds"), "pass2_seconds": timing.get("pass2_seconds"),
+        "bake_seconds": {k: timing.get(k) for k in ("cull_seconds", "simplify_seconds", "unwrap_seconds", "bake_seconds")},
         "stages": prof["stages"], "step_ms": prof["step_ms"], "wall_step_ms": prof.get("wall_step_ms"),
-        "profile_steps": prof.get("steps"),
+        "pass2": prof.get("pass2"), "profile_steps": prof.get("steps"),
     }
 
 
@@ -291,13 +323,27 @@ def _table(header, rows) -> str:
 
 
 def result_markdown(r: dict) -> str:
-    """One preset's result: the summary row, then the stage table (median / p90 ms per training step)."""
-    stages = [[name, _fmt(s["median_ms"], ".2f"), _fmt(s["p90_ms"], ".2f")] for name, s in r["stages"].items()]
-    stages.append(["**total**", _fmt(r["step_ms"]["median_ms"], ".2f"), _fmt(r["step_ms"]["p90_ms"], ".2f")])
+    """One preset's result: the summary row, then the stage table (median / p90 ms per training step, each pass)."""
+    p2 = r.get("pass2")
+    rows = []
+    for name, s in r["stages"].items():
+        s2 = p2["stages"].get(name) if p2 else None
+        rows.append([name, _fmt(s["median_ms"], ".2f"), _fmt(s["p90_ms"], ".2f")]
+                    + ([_fmt(s2["median_ms"], ".2f"), _fmt(s2["p90_ms"], ".2f")] if p2 else []))
+    total = [_fmt(r["step_ms"]["median_ms"], ".2f"), _fmt(r["step_ms"]["p90_ms"], ".2f")]
+    if p2:
+        total += [_fmt(p2["step_ms"]["median_ms"], ".2f"), _fmt(p2["step_ms"]["p90_ms"], ".2f")]
+    rows.append(["**total**", *total])
+    header = ("stage", "pass 1 median ms", "pass 1 p90 ms") + (("pass 2 median ms", "pass 2 p90 ms") if p2 else ())
+    passes = (f"\n\nPass 1 {_fmt(r.get('pass1_seconds'), '.1f')} s (bake included), pass 2 "
+              f"{_fmt(r.get('pass2_seconds'), '.1f')} s; at the boundary: "
+              + ", ".join(f"{k.replace('_seconds', '')} {_fmt(v, '.1f')} s" for k, v in (r.get("bake_seconds") or {}).items())
+              + "." if r.get("pass1_seconds") is not None else "")
     return (f"## {r['preset']} on {r['device']} ({r.get('device_name') or ''}, torch {r['torch']}, "
-            f"commit {(r.get('git_commit') or 'unknown')[:10]})\n\n" + _table(SUMMARY_HEADER, [summary_row(r)])
-            + f"\n\nPer-stage time of one training step ({r.get('profile_steps')} steps after warm-up):\n\n"
-            + _table(("stage", "median ms", "p90 ms"), stages) + "\n")
+            f"commit {(r.get('git_commit') or 'unknown')[:10]})\n\n" + _table(SUMMARY_HEADER, [summary_row(r)]) + passes
+            + f"\n\nPer-stage time of one training step ({r.get('profile_steps')} steps after warm-up"
+            + (f"; pass 2 on {p2.get('triangles')} triangles, {p2.get('texture_res')}² textures" if p2 else "")
+            + "):\n\n" + _table(header, rows) + "\n")
 
 
 def write_result(r: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -337,9 +383,10 @@ def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, ru
     if run_dir is None:
         with tempfile.TemporaryDirectory(prefix=f"bench-{preset}-") as tmp:
             e2e = run_end_to_end(preset, Path(tmp) / "run", overrides)
+            prof = profile_stages(cfg, steps=profile_steps, warmup=warmup, run_dir=Path(tmp) / "run")
     else:
         e2e = run_end_to_end(preset, run_dir / preset, overrides)
-    prof = profile_stages(cfg, steps=profile_steps, warmup=warmup)
+        prof = profile_stages(cfg, steps=profile_steps, warmup=warmup, run_dir=run_dir / preset)
     r = assemble_result(preset, cfg, e2e, prof)
     jpath, _ = write_result(r, out_dir)
     print(result_markdown(r))

@@ -118,9 +118,13 @@ class ReconSystem(L.LightningModule):
         return mesh
 
     def render(self, mvp: Tensor, cam_pos: Tensor, resolution: tuple[int, int], smoothness: bool = False,
-               depth: bool = False) -> dict:
-        """Render the current model from cameras mvp [B,4,4] at cam_pos [B,3] (see render_pbr's outputs, plus ``mesh``)."""
+               depth: bool = False, mark=None) -> dict:
+        """Render the current model from cameras mvp [B,4,4] at cam_pos [B,3] (see render_pbr's outputs, plus ``mesh``).
+
+        mark: called after the mesh is built and after each rendering stage (for profilers)."""
         mesh = self.mesh()
+        if mark is not None:
+            mark()
         if self.light.specular is None:
             self.light.build_mips()
         if self.surface is None:
@@ -130,7 +134,7 @@ class ReconSystem(L.LightningModule):
             def material(gb, mask):
                 return self.textures(self.rasterizer, gb["gb_uv"], gb["gb_uv_da"])
         out = render_pbr(self.rasterizer, mesh, mvp, cam_pos, resolution, material, self.light, depth=depth,
-                         perturb=self.perturb_normal)
+                         perturb=self.perturb_normal, mark=mark)
         out["mesh"] = mesh
         return out
 

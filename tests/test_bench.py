@@ -25,18 +25,22 @@ def tiny_cfg(tmp_path, monkeypatch):
 
 def test_presets_compose():
     small = bench.config_summary(bench.compose_config("cpu-small"))
-    assert small == {"resolution": [64, 64], "batch": 2, "tet_grid": 24, "steps": 150, "texture_res": 256}
+    assert small == {"resolution": [64, 64], "batch": 2, "tet_grid": 24, "pass1_steps": 120, "pass2_steps": 40,
+                     "steps": 160, "texture_res": 256, "light_res": 32}
     quick = bench.config_summary(bench.compose_config("quick"))
-    assert quick == {"resolution": [512, 512], "batch": 4, "tet_grid": 64, "steps": 1000, "texture_res": 1024}
-    assert bench.config_summary(bench.compose_config("nerf800"))["tet_grid"] == 128
+    assert quick == {"resolution": [512, 512], "batch": 4, "tet_grid": 64, "pass1_steps": 800, "pass2_steps": 400,
+                     "steps": 1200, "texture_res": 1024, "light_res": 256}
+    full = bench.config_summary(bench.compose_config("nerf800"))
+    assert full["tet_grid"] == 128 and full["steps"] == 10000 and full["texture_res"] == 2048 and full["light_res"] == 512
     assert bench.compose_config("cpu-small").trainer.accelerator == "cpu"  # inherited from the cpu preset
 
 
 def test_profile_stages_times_every_stage(tiny_cfg):
     prof = bench.profile_stages(tiny_cfg, steps=5, warmup=2, device=torch.device("cpu"))
-    assert list(prof["stages"]) == list(bench.STAGES)
-    for name, s in prof["stages"].items():
+    assert list(prof["stages"]) == list(bench.STAGES) and list(prof["pass2"]["stages"]) == list(bench.STAGES)
+    for name, s in [*prof["stages"].items(), *prof["pass2"]["stages"].items()]:
         assert s["median_ms"] > 0 and s["p90_ms"] >= s["median_ms"], (name, s)
+    assert prof["pass2"]["triangles"] > 0 and prof["pass2"]["texture_res"] == 256
     total = sum(s["median_ms"] for s in prof["stages"].values())
     assert prof["step_ms"]["median_ms"] > 0
     assert 0.5 * prof["wall_step_ms"] <= total <= 1.5 * prof["wall_step_ms"], prof
@@ -65,6 +69,9 @@ def fake_result(preset: str, device: str = "cpu") -> dict:
     return {
         "preset": preset, "device": device, "device_name": "x86_64", "torch": "2.13.0", "git_commit": None,
         "config": {"resolution": [64, 64], "batch": 2, "tet_grid": 24, "steps": 150, "texture_res": 256},
+        "pass1_seconds": 30.0, "pass2_seconds": 10.0, "bake_seconds": {"unwrap_seconds": 1.0},
+        "pass2": {"stages": {name: {"median_ms": 0.5, "p90_ms": 0.7} for name in bench.STAGES},
+                  "step_ms": {"median_ms": 4.0, "p90_ms": 5.6}, "triangles": 4000, "texture_res": 256},
         "wall_seconds": 60.0, "mesh_seconds": 50.0, "fit_seconds": 40.0, "export_seconds": 5.0,
         "iterations_per_second": 3.75, "peak_gpu_memory_bytes": None, "peak_host_memory_bytes": 2**30,
         "triangles": {"extracted": 5000, "visible": 4000, "exported": 4000},
@@ -80,7 +87,8 @@ def test_writers_json_markdown_and_summary(tmp_path):
         assert jpath.name == f"{preset}-cpu.json" and set(bench.RESULT_KEYS) <= set(data)
         assert set(data["stages"]) == set(bench.STAGES)
         md = mpath.read_text()
-        assert all(f"| {name} |" in md for name in bench.STAGES) and "| **total** | 28.00 | 35.00 |" in md
+        assert all(f"| {name} |" in md for name in bench.STAGES) and "| **total** | 28.00 | 35.00 | 4.00 | 5.60 |" in md
+        assert "Pass 1 30.0 s" in md and "unwrap 1.0 s" in md
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
     summary = bench.write_summary(tmp_path).read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| preset")]

@@ -43,15 +43,20 @@ def test_cpu_fit_recovers_builtin_scene(tmp_path):
 
 
 def test_short_fit_writes_all_outputs(tmp_path):
-    proc = run_train(tmp_path, "experiment=cpu", "trainer.max_steps=3", "data.resolution=32", "data.batch_size=2",
-                     "data.builtin.n_train=4", "data.builtin.n_test=2", "model.geometry.tet_grid=16",
-                     "callbacks.mesh_export.texture_res=64", "callbacks.mesh_export.eval_samples=2000")
+    proc = run_train(tmp_path, "experiment=cpu", "model.pass1_steps=3", "model.pass2_steps=2", "data.resolution=32",
+                     "data.batch_size=2", "data.builtin.n_train=4", "data.builtin.n_test=2", "model.geometry.tet_grid=16",
+                     "model.light.base_res=16", "model.bake.texture_res=64", "callbacks.mesh_export.eval_samples=2000")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
-    for name in ("mesh.obj", "mesh.mtl", "texture_kd.png", "mesh.glb", "metrics.json", "run.json", "timing.json"):
+    exports = ("mesh.obj", "mesh.mtl", "texture_kd.png", "texture_ks.png", "texture_n.png", "probe.hdr", "mesh.glb")
+    for name in (*exports, "metrics.json", "run.json", "timing.json"):
         assert (run / name).is_file(), name
+    for name in exports:  # the pass-1 result, written at the pass boundary
+        assert (run / "pass1" / name).is_file(), name
+    timing = json.loads((run / "timing.json").read_text())
+    assert timing["passes"] == 2 and timing["steps"] == 5 and timing["pass1_seconds"] > 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["n_views"] == 2 and "chamfer_l1" in metrics["geometry"]
+    assert metrics["n_views"] == 2 and "chamfer_l1" in metrics["geometry"] and metrics["shading"] == "pbr"
     glb = trimesh.load(run / "mesh.glb", force="mesh", process=False)
     obj = trimesh.load(run / "mesh.obj", force="mesh", process=False)
     assert len(glb.faces) == len(obj.faces) and glb.visual.material.baseColorTexture is not None
@@ -73,7 +78,10 @@ def test_config_typo_fails_at_compose_time():
 def test_configs_compose_to_nvdiffrec_settings():
     cfg = compose_train()
     assert cfg.data.resolution == 800 and cfg.data.batch_size == 8
-    assert cfg.model.geometry.tet_grid == 128 and cfg.trainer.max_steps == 5000
+    assert cfg.model.geometry.tet_grid == 128 and cfg.model.pass1_steps == 5000 and cfg.model.pass2_steps == 5000
+    assert cfg.trainer.max_steps == 10000  # both passes
+    assert cfg.model.light.base_res == 512 and cfg.model.bake.texture_res == 2048
+    assert list(cfg.model.material.ks_min) == [0.0, 0.08, 0.0] and list(cfg.model.material.nrm_min) == [-1.0, -1.0, 0.0]
     assert cfg.model.material.encoding.log2_hashmap_size == 19 and cfg.model.material.encoding.n_levels == 16
     cpu = compose_train("experiment=cpu")
     assert cpu.data.resolution == 128 and cpu.trainer.accelerator == "cpu"
@@ -94,9 +102,9 @@ def test_nvdiffrast_backend_without_cuda_is_a_clear_error(tmp_path):
 @pytest.mark.gpu
 def test_short_fit_on_gpu_exports(tmp_path):
     """The CUDA path end to end (nvdiffrast backend, module on the GPU when the export runs)."""
-    proc = run_train(tmp_path, "trainer.max_steps=30", "data.resolution=64", "data.batch_size=2",
+    proc = run_train(tmp_path, "model.pass1_steps=30", "model.pass2_steps=10", "data.resolution=64", "data.batch_size=2",
                      "data.builtin.n_train=8", "data.builtin.n_test=2", "model.geometry.tet_grid=32",
-                     "callbacks.mesh_export.texture_res=256", "callbacks.mesh_export.eval_samples=5000")
+                     "model.light.base_res=64", "model.bake.texture_res=256", "callbacks.mesh_export.eval_samples=5000")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     timing = json.loads((run / "timing.json").read_text())

@@ -17,22 +17,39 @@ from recon.geometry.mesh import Mesh
 from recon.materials.pbr import split_channels
 
 
+EXPORT_FILES = ("probe.hdr", "texture_kd.png", "texture_ks.png", "texture_n.png", "mesh.mtl", "mesh.glb", "mesh.obj")
+
+
 def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_latlong: torch.Tensor | None) -> Path:
     """Write every export of a textured PBR mesh into ``out_dir``; returns the OBJ path.
 
     mesh: UV-unwrapped. texture: [R,R,9] (kd, ks = occlusion/roughness/metallic, tangent-space normal).
-    light_latlong: [H,2H,3] linear HDR or None. Files: ``probe.hdr``, ``mesh.glb`` (glTF PBR metallic-roughness;
-    its occlusion is 1 - ks.occlusion, glTF's visibility convention), then ``texture_kd.png`` (sRGB),
-    ``texture_ks.png`` (linear ORM, nvdiffrec's layout), ``texture_n.png``, ``mesh.mtl`` and ``mesh.obj`` last.
-    Each file is written atomically, so an existing ``mesh.obj`` always belongs to a complete export.
+    light_latlong: [H,2H,3] linear HDR or None. Files: ``probe.hdr``, ``texture_kd.png`` (sRGB), ``texture_ks.png``
+    (linear ORM, nvdiffrec's layout), ``texture_n.png``, ``mesh.mtl``, ``mesh.glb`` (glTF PBR metallic-roughness;
+    its occlusion is 1 - ks.occlusion, glTF's visibility convention) and ``mesh.obj``.
+    Everything is written into a hidden staging folder first and then renamed into place, ``mesh.glb`` and
+    ``mesh.obj`` last: a crash while encoding leaves no new file, and an existing ``mesh.obj`` always belongs to a
+    complete export.
     """
+    import shutil
+    import tempfile
+
     out_dir = Path(out_dir)
-    ch = split_channels(texture)
-    if light_latlong is not None:
-        write_hdr(out_dir / "probe.hdr", light_latlong)
-    orm = torch.cat([1 - ch["ks"][..., 0:1], ch["ks"][..., 1:3]], -1)
-    write_glb(out_dir / "mesh.glb", mesh, ch["kd"], orm, ch["nrm"])
-    return write_textured_obj(out_dir, mesh, ch["kd"], ks=ch["ks"], normal_ts=ch["nrm"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        ch = split_channels(texture)
+        if light_latlong is not None:
+            write_hdr(stage / "probe.hdr", light_latlong)
+        orm = torch.cat([1 - ch["ks"][..., 0:1], ch["ks"][..., 1:3]], -1)
+        write_glb(stage / "mesh.glb", mesh, ch["kd"], orm, ch["nrm"])
+        write_textured_obj(stage, mesh, ch["kd"], ks=ch["ks"], normal_ts=ch["nrm"])
+        for name in EXPORT_FILES:
+            if (stage / name).is_file():
+                (stage / name).replace(out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir / "mesh.obj"
 
 
 class MeshExport(L.Callback):

@@ -143,6 +143,7 @@ def render_pbr(
     antialias: bool = True,
     depth: bool = False,
     perturb: bool = True,
+    mark: Callable[[], None] | None = None,
 ) -> dict:
     """Split-sum PBR render of ``mesh`` under an `EnvironmentLight` (its mips built).
 
@@ -153,6 +154,7 @@ def render_pbr(
     coverage, ``alpha`` [B,H,W,1], the material images ``kd``/``ks``/``normal`` [B,H,W,3] (zero where
     uncovered), ``kd_grad`` [B,H,W,1] when the material gives it and, with ``depth``, ``depth`` [B,H,W,1]
     (distance along the camera's view axis, scene units; 0 where uncovered).
+    mark: called after each stage (G-buffers, material, shading and antialiasing), for profilers.
     """
     from recon.geometry.mesh import face_normals
 
@@ -173,8 +175,12 @@ def render_pbr(
     else:
         tangent, hand = reference_tangent(n_smooth), 1.0
     view_pos = cam_pos[:, None, None, :].expand(*n_pix, 3)[mask]
+    if mark is not None:
+        mark()
     mat = material(gb, mask)
     mat = {k: (v[mask] if v.dim() == 4 else v) for k, v in mat.items()}
+    if mark is not None:
+        mark()
     n_shade = perturb_normal(mat["nrm"], n_smooth, tangent, hand) if perturb else n_smooth
     n_shade = bend_normal(_normalize(view_pos - pos), n_shade, n_geom)
     color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos)
@@ -186,4 +192,6 @@ def render_pbr(
         gb["kd_grad"] = images[..., 12:13]
     if depth:
         gb["depth"], _ = rasterizer.interpolate(gb["pos_clip"][..., 3:4].contiguous(), gb["rast"], mesh.faces)
+    if mark is not None:
+        mark()
     return gb
