@@ -1,0 +1,72 @@
+"""The full PBR export: OBJ + MTL with kd/ks/normal maps, probe.hdr, GLB with ORM, staged so a crash leaves nothing."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+import recon.callbacks.mesh_export as export_mod
+from recon.callbacks.mesh_export import write_result
+from recon.eval.evaluate import load_export, load_light
+from recon.export.hdr import read_hdr
+from recon.export.uv_bake import unwrap
+from recon.geometry.mesh import Mesh
+
+
+@pytest.fixture
+def result():
+    tm = trimesh.creation.icosphere(subdivisions=2, radius=0.8)
+    mesh = unwrap(Mesh(torch.tensor(tm.vertices, dtype=torch.float32), torch.tensor(tm.faces)).with_normals())
+    torch.manual_seed(0)
+    tex = torch.rand(32, 32, 9)
+    tex[..., 6:9] = torch.nn.functional.normalize(tex[..., 6:9] * torch.tensor([2.0, 2.0, 1.0]) - torch.tensor([1.0, 1.0, 0.0]), dim=-1)
+    light = torch.rand(16, 32, 3) * 4
+    return mesh, tex, light
+
+
+def _glb_json(path):
+    data = path.read_bytes()
+    (length,) = struct.unpack("<I", data[12:16])
+    return json.loads(data[20 : 20 + length])
+
+
+def test_round_trip(tmp_path, result):
+    mesh, tex, light = result
+    obj = write_result(tmp_path, mesh, tex, light)
+    assert obj == tmp_path / "mesh.obj"
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"mesh.obj", "mesh.mtl", "mesh.glb", "texture_kd.png", "texture_ks.png", "texture_n.png", "probe.hdr"}
+    exp = load_export(tmp_path, "cpu")
+    assert exp["mesh"].faces.shape == mesh.faces.shape and exp["mesh"].uv is not None
+    torch.testing.assert_close(exp["ks"][0], tex[..., 3:6], atol=1 / 255 + 1e-6, rtol=0)  # linear 8 bit
+    torch.testing.assert_close(exp["nrm"][0], tex[..., 6:9], atol=2 / 255 + 1e-6, rtol=0)
+    hdr = read_hdr(tmp_path / "probe.hdr")
+    # RGBE: an 8-bit mantissa per channel, one exponent per pixel
+    assert ((hdr - light).abs().amax(-1) / light.amax(-1)).max() < 0.01
+    env = load_light(tmp_path / "probe.hdr", "cpu", {"base_res": 16, "min_res": 4})
+    assert env.base.shape == (6, 16, 16, 3) and env.specular is not None
+    tm = trimesh.load(tmp_path / "mesh.obj", force="mesh", process=False)
+    assert len(tm.faces) == mesh.faces.shape[0] and tm.visual.uv is not None
+    gltf = _glb_json(tmp_path / "mesh.glb")
+    mat = gltf["materials"][0]
+    assert {"baseColorTexture", "metallicRoughnessTexture"} <= set(mat["pbrMetallicRoughness"])
+    assert "normalTexture" in mat and "occlusionTexture" in mat and "TANGENT" in gltf["meshes"][0]["primitives"][0]["attributes"]
+    glb = trimesh.load(tmp_path / "mesh.glb", force="mesh", process=False)
+    orm = np.asarray(glb.visual.material.metallicRoughnessTexture.convert("RGB"), dtype=np.float32) / 255
+    # glTF's occlusion is visibility: 1 - nvdiffrec's occlusion channel; roughness and metalness as they are
+    np.testing.assert_allclose(orm[..., 0], 1 - tex[..., 3].numpy(), atol=1 / 255 + 1e-6)
+    np.testing.assert_allclose(orm[..., 1:], tex[..., 4:6].numpy(), atol=1 / 255 + 1e-6)
+
+
+def test_crash_mid_export_leaves_nothing(tmp_path, result, monkeypatch):
+    mesh, tex, light = result
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(export_mod, "write_textured_obj", boom)  # after probe.hdr and mesh.glb are encoded
+    with pytest.raises(KeyboardInterrupt):
+        write_result(tmp_path, mesh, tex, light)
+    assert list(tmp_path.iterdir()) == []  # no mesh.glb, no mesh.obj, no staging folder
