@@ -4,6 +4,8 @@ Each comparison runs twice: in Triton's interpreter on CPU tensors (TRITON_INTER
 marked `gpu`, compiled on CUDA tensors. Without the `triton` package both are skipped.
 """
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +241,20 @@ def test_large_batch_matches_torch_backend(monkeypatch):
     reference = encode_and_backprop(enc, "torch", x, weight)
     result = encode_and_backprop(enc, "triton", x, weight)
     assert_same_gradients(enc, x, weight, result, reference)
+
+
+def test_benchmark_runs_on_cpu(tmp_path, capsys):
+    """bench/hash_grid.py: the torch backend on a CPU at tiny sizes, a Markdown row and a JSON record per case."""
+    spec = importlib.util.spec_from_file_location("bench_hash_grid", Path(__file__).parents[2] / "bench" / "hash_grid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "hash_grid.json"
+    bench.main(["--device", "cpu", "--n", "300", "--repeats", "2", "--warmup", "1", "--log2-hashmap-size", "12",
+                "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["config"]["log2_hashmap_size"] == 12 and result["config"]["n_levels"] == 16
+    cases = {(r["points"], r["input_grad"], r["backend"]) for r in result["results"]}
+    assert cases == {(p, g, "torch") for p in ("uniform", "surface") for g in (False, True)}
+    for row in result["results"]:
+        assert 0 < row["forward_ms"] and 0 < row["backward_ms"] and row["max_abs_diff_vs_torch"] == 0.0
+    assert capsys.readouterr().out.count("| 300 |") == 4
