@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/hash_grid.py` puts bench/, not the repository root, on sys.path
     sys.path.insert(0, str(ROOT))
 
-from recon.export.obj import atomic_write_bytes  # noqa: E402
 from recon.materials.hash_grid import HashGridEncoding, tcnn_available, triton_available  # noqa: E402
 
 NVDIFFREC = dict(n_input_dims=3, n_levels=16, n_features_per_level=2, log2_hashmap_size=19,
@@ -218,6 +219,16 @@ def format_row(row: dict, rows: list[dict]) -> str:
             f"| {speedup} | {peak} |")
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def caption(args: argparse.Namespace) -> str:
     return (f"Hash-grid encoding on {device_name(torch.device(args.device))} (torch {torch.__version__}, triton "
             f"{_version('triton')}), median of {args.repeats} after {args.warmup} warm-up runs; table "
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(caption(args), "", HEADER, sep="\n", flush=True)
     result = run(args)  # prints a table row per measurement
     if args.out is not None:
-        atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
+        write_json(args.out, result)
         print(f"\nwrote {args.out}")
     return result
 

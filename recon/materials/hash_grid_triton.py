@@ -16,12 +16,11 @@ rows the XOR of uint32 products masked to the level size. Outputs then agree wit
 backend up to the order of the corner sum; table gradients up to the order of the atomic adds.
 
 This module needs `triton` (present wherever CUDA builds of PyTorch are installed); `hash_grid.py`
-imports it lazily. Kernels are compiled for CUDA tensors; with TRITON_INTERPRET=1 in the
-environment they run in Triton's interpreter instead (numpy, any device; for tests).
+imports it lazily. Kernels are compiled for CUDA tensors; in a process that imported triton with
+TRITON_INTERPRET=1 in its environment they run in Triton's interpreter instead (numpy, CPU
+tensors too; for tests). Triton fixes that choice when it is first imported.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -38,6 +37,7 @@ NUM_WARPS = 4
 BLOCK_INTERPRETER = 1024
 
 
+@triton.jit
 def _hash_grid_kernel(
     x_ptr,  # [N, D] points, any float dtype, strides (stride_xn, stride_xd)
     table_ptr,  # [n_entries * F] table, float32 or float64: the compute dtype
@@ -204,27 +204,9 @@ def _hash_grid_kernel(
                 tl.atomic_add(grad_x_ptr + n64 * D + 2, tl.where(inside2, dx2 * scale, 0.0), mask=valid, sem="relaxed")
 
 
-_kernels: dict[bool, object] = {}
-
-
 def interpreting() -> bool:
-    """True when TRITON_INTERPRET=1 (read at every call): kernels run in Triton's numpy interpreter."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _kernel(interpret: bool):
-    """The kernel compiled by `triton.jit` or wrapped for the interpreter (both can live in one process)."""
-    if interpret not in _kernels:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
-
-            _kernels[interpret] = InterpretedFunction(_hash_grid_kernel)
-        else:
-            _kernels[interpret] = triton.jit(_hash_grid_kernel)
-    return _kernels[interpret]
+    """True when this process runs Triton kernels in the interpreter (triton imported with TRITON_INTERPRET=1)."""
+    return not isinstance(_hash_grid_kernel, triton.runtime.JITFunction)
 
 
 def _launch(
@@ -250,7 +232,6 @@ def _launch(
         block = BLOCK_FORWARD if forward else BLOCK_BACKWARD
     dummy = table  # pointer arguments a pass does not touch
     grid = (triton.cdiv(n_points, block), n_levels)
-    kernel = _kernel(interpret)
     args = (
         x, table, dummy if out is None else out, dummy if grad_out is None else grad_out,
         dummy if grad_table is None else grad_table, dummy if grad_x is None else grad_x,
@@ -262,12 +243,12 @@ def _launch(
         FORWARD=forward, TABLE_GRAD=grad_table is not None, INPUT_GRAD=grad_x is not None,
     )
     if interpret:
-        kernel[grid](*args, **meta)
+        _hash_grid_kernel[grid](*args, **meta)
         return
     with torch.cuda.device(x.device):
         # No fused multiply-adds: (x * s) + 0.5 must round twice, as in the torch backend, so that
         # points on cell boundaries fall into the same cell.
-        kernel[grid](*args, **meta, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        _hash_grid_kernel[grid](*args, **meta, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 class _HashGridFunction(torch.autograd.Function):
