@@ -307,6 +307,8 @@ def hash_grid_encode(
         raise ValueError(f"The triton hash-grid kernel handles 1 to {MAX_INPUT_DIMS} input dims, got {n_dims}.")
     if table.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"The triton hash-grid kernel needs a float32 or float64 table, got {table.dtype}.")
+    if x.device != table.device:
+        raise ValueError(f"Points are on {x.device} but the hash-grid table is on {table.device}; move one of them.")
     if level_multiplier.shape != (level_scale.shape[0], n_dims):
         raise ValueError(f"level_multiplier must be [L, {n_dims}], got {list(level_multiplier.shape)}.")
     layout = (
