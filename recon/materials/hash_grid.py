@@ -7,6 +7,10 @@ encoding, so a table trained with one backend can be evaluated with the other:
   from the flat table (and one scatter-add per feature in the backward pass).
 - `tcnn`: `tinycudann.Encoding` (fused CUDA kernels), used for CUDA inputs when the
   `tinycudann` package imports.
+- `triton`: fused Triton kernels (`hash_grid_triton.py`) for CUDA inputs with 1 to 3 dims: one
+  gather-and-interpolate pass forward, atomic adds into the table (and point) gradient backward;
+  same maths as `torch` up to summation order. Needs the `triton` package (shipped with CUDA
+  builds of PyTorch).
 
 Grid conventions (those of tiny-cuda-nn, see `include/tiny-cuda-nn/encodings/grid.h`):
 
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-BACKENDS = ("auto", "torch", "tcnn")
+BACKENDS = ("auto", "torch", "tcnn", "triton")
 
 # tiny-cuda-nn's coherent prime hash; the first "prime" is 1 so that neighbouring x share cache lines.
 _PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
@@ -56,6 +60,26 @@ def _import_tcnn() -> Any | None:
 def tcnn_available() -> bool:
     """True when `import tinycudann` works in this process."""
     return _import_tcnn() is not None
+
+
+_triton_cache: dict[str, Any] = {}
+
+
+def _import_triton_backend() -> Any | None:
+    """Return the `hash_grid_triton` module, or None when `triton` does not import."""
+    if "module" not in _triton_cache:
+        try:
+            from recon.materials import hash_grid_triton  # noqa: PLC0415  (imports triton)
+
+            _triton_cache["module"], _triton_cache["error"] = hash_grid_triton, None
+        except Exception as err:  # ImportError, or a triton build that fails to load
+            _triton_cache["module"], _triton_cache["error"] = None, err
+    return _triton_cache["module"]
+
+
+def triton_available() -> bool:
+    """True when the Triton backend imports (the `triton` package is installed and loads)."""
+    return _import_triton_backend() is not None
 
 
 def level_layout(
@@ -151,8 +175,10 @@ class HashGridEncoding(nn.Module):
 
     grad_scale multiplies the gradient that reaches the table (nvdiffrec's material network
     scales encoder gradients by 128); it is a plain attribute and may be changed at any time.
-    backend: "torch", "tcnn" (needs `tinycudann` and CUDA inputs) or "auto" (tcnn when the input
-    is a float32 CUDA tensor and `tinycudann` imports, torch otherwise).
+    backend: "torch", "tcnn" (needs `tinycudann` and CUDA inputs), "triton" (needs `triton`, CUDA
+    inputs or TRITON_INTERPRET=1, and n_input_dims <= 3) or "auto": on CUDA inputs tcnn when the
+    table is float32 and `tinycudann` imports, else triton when it imports and n_input_dims <= 3;
+    torch otherwise.
     """
 
     def __init__(
@@ -176,6 +202,8 @@ class HashGridEncoding(nn.Module):
                 "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch` "
                 "(package tinycudann, needs CUDA), or use backend='torch' (CPU and CUDA, slower)."
             )
+        if backend == "triton":
+            _check_triton_backend(n_input_dims)
         if not 1 <= n_input_dims <= len(_PRIMES):
             raise ValueError(f"n_input_dims={n_input_dims} must be in 1..{len(_PRIMES)}.")
         if n_levels < 1 or n_features_per_level < 1:
@@ -317,6 +345,8 @@ class HashGridEncoding(nn.Module):
                 f"HashGridEncoding table is {table.dtype}; keep it float32 (lattice positions need "
                 "float32 precision at fine levels) and use torch.autocast for mixed precision."
             )
+        if self._use_triton(x):  # scales the table gradient inside its backward kernel
+            return self._forward_triton(x)
         if self.grad_scale != 1.0 and table.requires_grad and torch.is_grad_enabled():
             table = _ScaleGradient.apply(table, self.grad_scale)
         if self._use_tcnn(x) and x.shape[0] > 0:
@@ -328,7 +358,7 @@ class HashGridEncoding(nn.Module):
     # tiny-cuda-nn backend ---------------------------------------------------------------------
 
     def _use_tcnn(self, x: Tensor) -> bool:
-        if self.backend == "torch":
+        if self.backend in ("torch", "triton"):
             return False
         if self.backend == "auto":
             return x.is_cuda and self.params.dtype == torch.float32 and tcnn_available()
@@ -370,6 +400,52 @@ class HashGridEncoding(nn.Module):
             encoding.native_tcnn_module, x_in.contiguous(), table.contiguous(), encoding.loss_scale
         )
         return out[:n, : self.n_output_dims].float()
+
+    # Triton backend ---------------------------------------------------------------------------
+
+    def _use_triton(self, x: Tensor) -> bool:
+        if self.backend == "auto":
+            return (
+                x.is_cuda
+                and self.n_input_dims <= 3
+                and not self._use_tcnn(x)
+                and triton_available()
+            )
+        if self.backend != "triton":
+            return False
+        module = _check_triton_backend(self.n_input_dims)
+        if not x.is_cuda and not module.interpreting():
+            raise ValueError(
+                "HashGridEncoding backend='triton' needs CUDA inputs, got a tensor on "
+                f"{x.device}. Use backend='torch' or backend='auto' on this device (or set "
+                "TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter, for testing)."
+            )
+        return True
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        table = self.params
+        grad_scale = self.grad_scale if table.requires_grad and torch.is_grad_enabled() else 1.0
+        return _import_triton_backend().hash_grid_encode(
+            x, table, self.level_scale, self.level_multiplier, self.level_size, self.level_offset,
+            self.n_dense_levels, self.n_features_per_level, grad_scale,
+        )
+
+
+def _check_triton_backend(n_input_dims: int) -> Any:
+    """The `hash_grid_triton` module, or a clear error when backend='triton' cannot run."""
+    module = _import_triton_backend()
+    if module is None:
+        raise ImportError(
+            "HashGridEncoding backend='triton' needs the `triton` package, which failed to import "
+            f"({_triton_cache['error']!r}). Install it with `pip install triton` (CUDA builds of "
+            "PyTorch ship it), or use backend='torch' (CPU and CUDA, slower)."
+        )
+    if n_input_dims > module.MAX_INPUT_DIMS:
+        raise ValueError(
+            f"HashGridEncoding backend='triton' handles n_input_dims <= {module.MAX_INPUT_DIMS}, got "
+            f"{n_input_dims}. Use backend='torch' or backend='auto'."
+        )
+    return module
 
 
 def _combine_corners(terms: Tensor, op) -> Tensor:

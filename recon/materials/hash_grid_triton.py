@@ -1,0 +1,318 @@
+"""Fused Triton kernels for `HashGridEncoding` (backend `triton`).
+
+One kernel serves the forward and the backward pass. A program handles BLOCK points of one level
+(grid = [ceil(N / BLOCK), L]; consecutive programs share a level, so the level's rows stay in L2):
+it computes the lattice cell, the 2^D corner rows (dense or hashed) and the D-linear weights in
+registers, then either gathers and sums the corner features (forward) or atomically adds
+weight * upstream gradient into the table gradient and, when the points need a gradient,
+accumulates d out / d x over the corners and atomically adds it into the point gradient (the
+levels of a point are summed there). Nothing but the inputs is saved between the passes.
+
+The maths is that of the `torch` backend in `hash_grid.py` (tiny-cuda-nn's conventions, see that
+module's docstring), operation for operation: lattice position (clamp(x, 0, 1) * s_l) + 0.5 with
+two roundings (floating-point contraction into fused multiply-adds is disabled), cell = floor,
+weight of a corner = ((w_0 * w_1) * w_2), dense rows wrapped once modulo the level size, hashed
+rows the XOR of uint32 products masked to the level size. Outputs then agree with the torch
+backend up to the order of the corner sum; table gradients up to the order of the atomic adds.
+
+This module needs `triton` (present wherever CUDA builds of PyTorch are installed); `hash_grid.py`
+imports it lazily. Kernels are compiled for CUDA tensors; in a process that imported triton with
+TRITON_INTERPRET=1 in its environment they run in Triton's interpreter instead (numpy, CPU
+tensors too; for tests). Triton fixes that choice when it is first imported.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_INPUT_DIMS = 3  # the kernel unrolls dimensions 0..2; 1-D, 2-D and 3-D inputs are supported
+
+# Points per program and warps per program on the GPU. The interpreter runs one program at a
+# time in numpy, where a few large programs are much faster than many small ones.
+BLOCK_FORWARD = 256
+BLOCK_BACKWARD = 256
+NUM_WARPS = 4
+BLOCK_INTERPRETER = 1024
+
+
+@triton.jit
+def _hash_grid_kernel(
+    x_ptr,  # [N, D] points, any float dtype, strides (stride_xn, stride_xd)
+    table_ptr,  # [n_entries * F] table, float32 or float64: the compute dtype
+    out_ptr,  # forward: [N, L * F] output in the table's dtype
+    grad_out_ptr,  # backward: [N, L * F] contiguous upstream gradient in the table's dtype
+    grad_table_ptr,  # backward: [n_entries * F] zero-initialised, table dtype
+    grad_x_ptr,  # backward: [N, D] contiguous, zero-initialised, table dtype
+    scale_ptr,  # [L] float32 s_l
+    mult_ptr,  # [L, D] int64: R_l^d (dense levels) or hash primes (hashed levels)
+    size_ptr,  # [L] int64 rows per level
+    offset_ptr,  # [L] int64 first row of each level
+    n_points,
+    stride_xn,
+    stride_xd,
+    n_dense,  # levels 0 .. n_dense - 1 are dense, the others hashed
+    grad_scale,  # multiplies the table gradient only
+    D: tl.constexpr,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,  # F rounded up to a power of two (Triton block shapes)
+    L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FORWARD: tl.constexpr,
+    TABLE_GRAD: tl.constexpr,
+    INPUT_GRAD: tl.constexpr,
+):
+    level = tl.program_id(1)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = n < n_points
+    n64 = n.to(tl.int64)  # N * L * F may exceed 2^31
+    feat = tl.arange(0, F_PAD)
+    valid_f = valid[:, None] & (feat < F)[None, :]
+    dtype = table_ptr.dtype.element_ty
+
+    scale = tl.load(scale_ptr + level).to(dtype)
+    size = tl.load(size_ptr + level).to(tl.uint32)  # <= 2^30
+    first_row = tl.load(offset_ptr + level)  # int64
+    hashed = level >= n_dense
+
+    # Per dimension: weights (1 - frac, frac) of the low / high vertex and its index term
+    # (vertex * multiplier, in uint32 arithmetic: wraps like tiny-cuda-nn's hash; dense terms
+    # stay below 2^31). x is clamped to the cube; its gradient passes where 0 <= x <= 1, as
+    # through torch.clamp.
+    x0 = tl.load(x_ptr + n64 * stride_xn, mask=valid, other=0.0).to(dtype)
+    inside0 = (x0 >= 0.0) & (x0 <= 1.0)
+    pos0 = tl.minimum(tl.maximum(x0, 0.0), 1.0) * scale + 0.5
+    cell0 = pos0.to(tl.int32)  # pos >= 0.5, so truncation is floor
+    hi_w0 = pos0 - cell0.to(dtype)
+    lo_w0 = 1.0 - hi_w0
+    mult0 = tl.load(mult_ptr + level * D).to(tl.uint32)
+    lo_t0 = cell0.to(tl.uint32) * mult0
+    hi_t0 = lo_t0 + mult0
+    if D > 1:
+        x1 = tl.load(x_ptr + n64 * stride_xn + stride_xd, mask=valid, other=0.0).to(dtype)
+        inside1 = (x1 >= 0.0) & (x1 <= 1.0)
+        pos1 = tl.minimum(tl.maximum(x1, 0.0), 1.0) * scale + 0.5
+        cell1 = pos1.to(tl.int32)
+        hi_w1 = pos1 - cell1.to(dtype)
+        lo_w1 = 1.0 - hi_w1
+        mult1 = tl.load(mult_ptr + level * D + 1).to(tl.uint32)
+        lo_t1 = cell1.to(tl.uint32) * mult1
+        hi_t1 = lo_t1 + mult1
+    if D > 2:
+        x2 = tl.load(x_ptr + n64 * stride_xn + 2 * stride_xd, mask=valid, other=0.0).to(dtype)
+        inside2 = (x2 >= 0.0) & (x2 <= 1.0)
+        pos2 = tl.minimum(tl.maximum(x2, 0.0), 1.0) * scale + 0.5
+        cell2 = pos2.to(tl.int32)
+        hi_w2 = pos2 - cell2.to(dtype)
+        lo_w2 = 1.0 - hi_w2
+        mult2 = tl.load(mult_ptr + level * D + 2).to(tl.uint32)
+        lo_t2 = cell2.to(tl.uint32) * mult2
+        hi_t2 = lo_t2 + mult2
+
+    if FORWARD:
+        acc = tl.zeros([BLOCK, F_PAD], dtype=dtype)
+    else:
+        g = tl.load(grad_out_ptr + n64[:, None] * (L * F) + level * F + feat[None, :], mask=valid_f, other=0.0)
+        g = g.to(dtype)
+        g_table = g * grad_scale
+        if INPUT_GRAD:
+            dx0 = tl.zeros([BLOCK], dtype=dtype)
+            dx1 = tl.zeros([BLOCK], dtype=dtype)
+            dx2 = tl.zeros([BLOCK], dtype=dtype)
+
+    # Corner c takes the high vertex along dimension d when bit d of c is set (x fastest).
+    for c in tl.static_range(2**D):
+        if c & 1:
+            w0 = hi_w0
+            t0 = hi_t0
+        else:
+            w0 = lo_w0
+            t0 = lo_t0
+        weight = w0
+        dense_row = t0
+        hash_row = t0
+        if D > 1:
+            if (c >> 1) & 1:
+                w1 = hi_w1
+                t1 = hi_t1
+            else:
+                w1 = lo_w1
+                t1 = lo_t1
+            weight = weight * w1
+            dense_row = dense_row + t1
+            hash_row = hash_row ^ t1
+        if D > 2:
+            if (c >> 2) & 1:
+                w2 = hi_w2
+                t2 = hi_t2
+            else:
+                w2 = lo_w2
+                t2 = lo_t2
+            weight = weight * w2
+            dense_row = dense_row + t2
+            hash_row = hash_row ^ t2
+        # A dense row is below 2 * size (the half-cell shift reaches one vertex past the grid),
+        # so one subtraction is the modulo; hashed levels hold a power of two rows.
+        dense_row = tl.where(dense_row >= size, dense_row - size, dense_row)
+        row = tl.where(hashed, hash_row & (size - 1), dense_row)
+        element = (first_row + row.to(tl.int64))[:, None] * F + feat[None, :]
+
+        if FORWARD:
+            values = tl.load(table_ptr + element, mask=valid_f, other=0.0)
+            acc += values * weight[:, None]
+        else:
+            if TABLE_GRAD:
+                tl.atomic_add(grad_table_ptr + element, g_table * weight[:, None], mask=valid_f, sem="relaxed")
+            if INPUT_GRAD:
+                values = tl.load(table_ptr + element, mask=valid_f, other=0.0)
+                dot = tl.sum(values * g, axis=1)  # d loss / d weight of this corner
+                # d weight / d frac_d = +-(product of the other dimensions' weights).
+                if D == 1:
+                    d0 = dot
+                if D == 2:
+                    d0 = dot * w1
+                    d1 = dot * w0
+                if D == 3:
+                    d0 = dot * (w1 * w2)
+                    d1 = dot * (w0 * w2)
+                    d2 = dot * (w0 * w1)
+                if c & 1:
+                    dx0 += d0
+                else:
+                    dx0 -= d0
+                if D > 1:
+                    if (c >> 1) & 1:
+                        dx1 += d1
+                    else:
+                        dx1 -= d1
+                if D > 2:
+                    if (c >> 2) & 1:
+                        dx2 += d2
+                    else:
+                        dx2 -= d2
+
+    if FORWARD:
+        tl.store(out_ptr + n64[:, None] * (L * F) + level * F + feat[None, :], acc, mask=valid_f)
+    else:
+        if INPUT_GRAD:
+            # d frac / d x = s_l; the L levels of a point meet in the atomic sum.
+            tl.atomic_add(grad_x_ptr + n64 * D, tl.where(inside0, dx0 * scale, 0.0), mask=valid, sem="relaxed")
+            if D > 1:
+                tl.atomic_add(grad_x_ptr + n64 * D + 1, tl.where(inside1, dx1 * scale, 0.0), mask=valid, sem="relaxed")
+            if D > 2:
+                tl.atomic_add(grad_x_ptr + n64 * D + 2, tl.where(inside2, dx2 * scale, 0.0), mask=valid, sem="relaxed")
+
+
+def interpreting() -> bool:
+    """True when this process runs Triton kernels in the interpreter (triton imported with TRITON_INTERPRET=1)."""
+    return not isinstance(_hash_grid_kernel, triton.runtime.JITFunction)
+
+
+def _launch(
+    x: Tensor,
+    table: Tensor,
+    layout: tuple[Tensor, Tensor, Tensor, Tensor, int],
+    n_features: int,
+    *,
+    out: Tensor | None = None,
+    grad_out: Tensor | None = None,
+    grad_table: Tensor | None = None,
+    grad_x: Tensor | None = None,
+    grad_scale: float = 1.0,
+) -> None:
+    level_scale, level_multiplier, level_size, level_offset, n_dense = layout
+    n_points, n_dims = x.shape
+    n_levels = level_scale.shape[0]
+    forward = out is not None
+    interpret = interpreting()
+    if interpret:
+        block = BLOCK_INTERPRETER
+    else:
+        block = BLOCK_FORWARD if forward else BLOCK_BACKWARD
+    dummy = table  # pointer arguments a pass does not touch
+    grid = (triton.cdiv(n_points, block), n_levels)
+    args = (
+        x, table, dummy if out is None else out, dummy if grad_out is None else grad_out,
+        dummy if grad_table is None else grad_table, dummy if grad_x is None else grad_x,
+        level_scale, level_multiplier, level_size, level_offset,
+        n_points, x.stride(0), x.stride(1), n_dense, float(grad_scale),
+    )
+    meta = dict(
+        D=n_dims, F=n_features, F_PAD=triton.next_power_of_2(n_features), L=n_levels, BLOCK=block,
+        FORWARD=forward, TABLE_GRAD=grad_table is not None, INPUT_GRAD=grad_x is not None,
+    )
+    if interpret:
+        _hash_grid_kernel[grid](*args, **meta)
+        return
+    with torch.cuda.device(x.device):
+        # No fused multiply-adds: (x * s) + 0.5 must round twice, as in the torch backend, so that
+        # points on cell boundaries fall into the same cell.
+        _hash_grid_kernel[grid](*args, **meta, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+class _HashGridFunction(torch.autograd.Function):
+    """Triton forward and backward of the hash encoding; gradients for the table and the points."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, table: Tensor, layout: tuple, n_features: int, grad_scale: float) -> Tensor:
+        n_levels = layout[0].shape[0]
+        out = torch.empty(x.shape[0], n_levels * n_features, dtype=table.dtype, device=x.device)
+        if x.shape[0] > 0:
+            _launch(x, table, layout, n_features, out=out)
+        ctx.save_for_backward(x, table, *layout[:4])
+        ctx.n_dense, ctx.n_features, ctx.grad_scale = layout[4], n_features, grad_scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        x, table, *buffers = ctx.saved_tensors
+        layout = (*buffers, ctx.n_dense)
+        need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_table = torch.zeros_like(table) if need_table else None
+        grad_x = torch.zeros(x.shape, dtype=table.dtype, device=x.device) if need_x else None
+        if (need_x or need_table) and x.shape[0] > 0:
+            _launch(
+                x, table, layout, ctx.n_features, grad_out=grad_out.to(table.dtype).contiguous(),
+                grad_table=grad_table, grad_x=grad_x, grad_scale=ctx.grad_scale,
+            )
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_table, None, None, None
+
+
+def hash_grid_encode(
+    x: Tensor,
+    table: Tensor,
+    level_scale: Tensor,
+    level_multiplier: Tensor,
+    level_size: Tensor,
+    level_offset: Tensor,
+    n_dense_levels: int,
+    n_features: int,
+    grad_scale: float = 1.0,
+) -> Tensor:
+    """Multi-resolution hash encoding by the Triton kernels, differentiable w.r.t. table and x.
+
+    x: [N, D] (D <= 3) in [0,1] (clamped), any float dtype, on the table's device.
+    table: flat [n_entries * n_features] float32 or float64 (tiny-cuda-nn layout).
+    level_scale [L] float32, level_multiplier [L, D] int64, level_size / level_offset [L] int64:
+    `HashGridEncoding`'s buffers; levels below n_dense_levels are dense.
+    grad_scale multiplies the table's gradient (not x's). Returns [N, L * n_features] in the
+    table's dtype, level-major.
+    """
+    n_dims = x.shape[1]
+    if not 1 <= n_dims <= MAX_INPUT_DIMS:
+        raise ValueError(f"The triton hash-grid kernel handles 1 to {MAX_INPUT_DIMS} input dims, got {n_dims}.")
+    if table.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"The triton hash-grid kernel needs a float32 or float64 table, got {table.dtype}.")
+    if x.device != table.device:
+        raise ValueError(f"Points are on {x.device} but the hash-grid table is on {table.device}; move one of them.")
+    if level_multiplier.shape != (level_scale.shape[0], n_dims):
+        raise ValueError(f"level_multiplier must be [L, {n_dims}], got {list(level_multiplier.shape)}.")
+    layout = (
+        level_scale.contiguous(), level_multiplier.contiguous(), level_size.contiguous(),
+        level_offset.contiguous(), int(n_dense_levels),
+    )
+    return _HashGridFunction.apply(x, table.contiguous(), layout, int(n_features), float(grad_scale))
