@@ -106,9 +106,8 @@ def test_a_directory_without_jobs_is_a_clear_error(tmp_path, capsys):
         summarize.summarize(tmp_path / "empty")
 
 
-@pytest.mark.slow
 def test_real_cpu_sweep_summarizes_four_jobs(tmp_path):
-    """A 2 x 2 sweep of tiny CPU fits (about 1.5 minutes on 2 cores), then the CLI as a user runs it."""
+    """A 2 x 2 sweep of tiny CPU fits (about 45 s on 2 cores), then the CLI as a user runs it."""
     sweep_dir = tmp_path / "sweep"
     env = dict(os.environ, RECON_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=cpu_small", "model.geometry.tet_grid=12,16",
