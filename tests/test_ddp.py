@@ -8,19 +8,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5  # 8 views, batch 2: 4 steps per epoch, so the last step comes from the second epoch's permutation
-TINY = ["experiment=cpu_small", f"trainer.max_steps={STEPS}", "data.resolution=32", "data.batch_size=2",
-        "data.builtin.n_train=8", "data.builtin.n_test=2", "model.geometry.tet_grid=12",
-        "callbacks.mesh_export.texture_res=64", "callbacks.mesh_export.evaluate=false",
-        # a checkpoint after every step, to compare the parameters of both runs along the way
-        "trainer.enable_checkpointing=true", "+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-        "+callbacks.ckpt.every_n_train_steps=1", "+callbacks.ckpt.save_top_k=-1"]
+TINY = ["experiment=cpu_small", "data.resolution=32", "data.batch_size=2", "data.builtin.n_train=8",
+        "data.builtin.n_test=2", "callbacks.mesh_export.texture_res=64", "callbacks.mesh_export.evaluate=false"]
+# a checkpoint after every step, to compare the parameters of both runs along the way
+EVERY_STEP = ["trainer.enable_checkpointing=true", "+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+              "+callbacks.ckpt.every_n_train_steps=1", "+callbacks.ckpt.save_top_k=-1"]
 
 
 def fit(tmp_path: Path, name: str, *overrides: str) -> Path:
     run = tmp_path / name
     env = dict(os.environ, RECON_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run}", f"+callbacks.ckpt.dirpath={run / 'ckpt'}",
-           *TINY, *overrides]
+           *TINY, f"trainer.max_steps={STEPS}", "model.geometry.tet_grid=12", *EVERY_STEP, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run
@@ -53,3 +52,17 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert sorted(p.parent.name for p in tmp_path.rglob(".hydra")) == ["ddp", "single"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ddp", "single"]
     assert not list((ddp / "ckpt").glob("*rank*")) and len(list((ddp / "ckpt").glob("*.ckpt"))) == STEPS
+
+
+def test_ddp_sweep_writes_one_dir_per_job(tmp_path):
+    """`-m` with trainer=ddp: the rank Lightning starts re-runs the command line and walks the sweep in step with
+    rank 0; with hydra.sweep.dir set, each job has one run dir, one Hydra config and one export."""
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, RECON_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *TINY, "trainer.max_steps=3", "model.geometry.tet_grid=12,16",
+           "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob("mesh.obj")) == ["0/mesh.obj", "1/mesh.obj"]
+    assert sorted(p.parent.name for p in sweep.rglob(".hydra")) == ["0", "1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "sweep"]
