@@ -45,7 +45,6 @@ def test_launcher_follows_the_trainer(submitit):
     assert multi.params["partition"] == "gpu"
 
 
-@pytest.mark.slow  # about a minute on 2 cores: two short fits with exports
 def test_requeued_run_resumes_from_last_checkpoint(tmp_path):
     """What a requeued job does: the same command in the same run dir, `ckpt_path=last`, continues where it stopped.
 
