@@ -7,9 +7,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 5  # 8 views, batch 2: 4 steps per epoch, so the last step comes from the second epoch's permutation
+# Pass 1 only: the pass-2 switch adds parameters after DDP has wrapped the module, which DDP does not support yet.
+# No albedo-smoothness term: it averages over each rank's covered pixels and jitters them from the global RNG, so
+# under DDP it is not the one-process term; the test compares what recon's sampler and background guarantee.
+STEPS = 5  # 8 views, batch 2: 4 steps per epoch, so the last step draws from the second epoch's order
 TINY = ["experiment=cpu_small", "data.resolution=32", "data.batch_size=2", "data.builtin.n_train=8",
-        "data.builtin.n_test=2", "callbacks.mesh_export.texture_res=64", "callbacks.mesh_export.evaluate=false"]
+        "data.builtin.n_test=2", "model.light.base_res=16", "model.bake.texture_res=64", "callbacks.mesh_export.evaluate=false"]
 # a checkpoint after every step, to compare the parameters of both runs along the way
 EVERY_STEP = ["trainer.enable_checkpointing=true", "+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint",
               "+callbacks.ckpt.every_n_train_steps=1", "+callbacks.ckpt.save_top_k=-1"]
@@ -19,7 +22,8 @@ def fit(tmp_path: Path, name: str, *overrides: str) -> Path:
     run = tmp_path / name
     env = dict(os.environ, RECON_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run}", f"+callbacks.ckpt.dirpath={run / 'ckpt'}",
-           *TINY, f"trainer.max_steps={STEPS}", "model.geometry.tet_grid=12", *EVERY_STEP, *overrides]
+           *TINY, f"model.pass1_steps={STEPS}", "model.pass2_steps=0", "model.geometry.tet_grid=12",
+           "model.loss.kd_smooth_weight=0", *EVERY_STEP, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run
@@ -36,7 +40,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     After step 1 the runs agree to float rounding (DDP averages the two half-batch gradients; a one-process run
     takes the mean over both views in one sum). Adam (eps 1e-15) divides by each entry's gradient RMS, so entries
     whose gradient is itself rounding-level (cancelling sums, ~1e-9) can move differently, and the later steps
-    agree to ~1e-3 relative (measured <= 1e-3 at step 5). Backgrounds drawn from the global RNG instead of per view
+    agree to ~1e-3 relative (well inside the 1e-2 bound). Backgrounds drawn from the global RNG instead of per view
     put the runs ~0.5 apart (relative) from step 1 on.
     """
     single = fit(tmp_path, "single")
@@ -59,7 +63,8 @@ def test_ddp_sweep_writes_one_dir_per_job(tmp_path):
     rank 0; with hydra.sweep.dir set, each job has one run dir, one Hydra config and one export."""
     sweep = tmp_path / "sweep"
     env = dict(os.environ, RECON_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *TINY, "trainer.max_steps=3", "model.geometry.tet_grid=12,16",
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *TINY, "model.pass1_steps=3", "model.pass2_steps=0",
+           "model.geometry.tet_grid=12,16",
            "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -55,7 +55,8 @@ def test_requeued_run_resumes_from_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run}", "experiment=cpu_small", "data.resolution=32",
            "data.batch_size=2", "data.builtin.n_train=8", "data.builtin.n_test=2", "model.geometry.tet_grid=12",
-           "callbacks.mesh_export.texture_res=64", "callbacks.mesh_export.evaluate=false", "model.max_steps=8",
+           "model.light.base_res=16", "model.bake.texture_res=64", "callbacks.mesh_export.evaluate=false", "model.pass1_steps=8",
+           "model.pass2_steps=0",
            "callbacks=resumable", "callbacks.checkpoint.every_n_train_steps=2", "trainer.enable_checkpointing=true",
            "ckpt_path=last"]
     first = subprocess.run([*cmd, "trainer.max_steps=4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -111,8 +111,8 @@ def test_real_cpu_sweep_summarizes_four_jobs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     env = dict(os.environ, RECON_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=cpu_small", "model.geometry.tet_grid=12,16",
-           "data.resolution=32,48", "trainer.max_steps=10", "data.builtin.n_train=8", "data.builtin.n_test=2",
-           "callbacks.mesh_export.texture_res=64", "callbacks.mesh_export.eval_samples=2000",
+           "data.resolution=32,48", "model.pass1_steps=8", "model.pass2_steps=2", "data.builtin.n_train=8",
+           "data.builtin.n_test=2", "model.light.base_res=16", "model.bake.texture_res=64", "callbacks.mesh_export.eval_samples=2000",
            f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
