@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recon.color import linear_to_srgb, tonemap_srgb
+from recon.data.sampler import run_seed
 from recon.export.cleanup import cull_invisible
 from recon.export.uv_bake import bake_pbr_textures, simplify, unwrap
 from recon.geometry.dmtet import DMTetGeometry
@@ -22,6 +23,7 @@ from recon.geometry.mesh import Mesh
 from recon.light import EnvironmentLight
 from recon.materials.pbr import NeuralPBRMaterial, TexturePBRMaterial, channel_bounds
 from recon.render import make_rasterizer
+from recon.render.background import view_noise
 from recon.render.shading import render_pbr
 
 BOUND_KEYS = ("kd_min", "kd_max", "ks_min", "ks_max", "nrm_min", "nrm_max")
@@ -193,7 +195,9 @@ class ReconSystem(L.LightningModule):
         want_depth = "depth" in batch and self.loss_cfg.get("depth_weight", 0.0) > 0
         out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=self.surface is None,
                           depth=want_depth)
-        bg = background(self.loss_cfg.get("background", "random"), img.shape[:3], img.device)
+        kind = self.loss_cfg.get("background", "random")  # random: per-view noise, the same on any number of ranks
+        bg = (view_noise(batch["index"], self.global_step, *img.shape[1:3], seed=run_seed(), device=img.device)
+              if kind == "random" else background(kind, img.shape[:3], img.device))
         terms = self.losses(out, img, bg, batch.get("depth"))
         loss = terms["total"]
         names = [k for k in terms if k not in ("total", "composited", "reference")]

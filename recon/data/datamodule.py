@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from recon.data.frames import DataError, FrameDataset, Frames
+from recon.data.sampler import GlobalBatchSampler, SharedPermutation, run_seed
 from recon.data.sources import FORMATS, load_frames
 
 
@@ -95,11 +96,15 @@ class NeRFDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         n = len(self.load_split(split))
-        drop_last = shuffle and n >= batch_size
+        dataset = _SplitIndices(split, n) if self.resident else FrameDataset(self.load_split(split))
+        if shuffle:  # training: this rank's slice of one global batch per step, the same for any number of ranks
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            batches = {"batch_sampler": GlobalBatchSampler(SharedPermutation(n, run_seed()), batch_size, rank, world)}
+        else:  # validation: every rank evaluates every view
+            batches = {"batch_size": batch_size}
         if self.resident:  # batches of indices; on_after_batch_transfer gathers the frames on the device
-            return DataLoader(_SplitIndices(split, n), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
-        return DataLoader(FrameDataset(self.load_split(split)), batch_size=batch_size, shuffle=shuffle,
-                          drop_last=drop_last, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+            return DataLoader(dataset, **batches)
+        return DataLoader(dataset, **batches, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
