@@ -270,8 +270,22 @@ class ReconSystem(L.LightningModule):
         return mesh, tex
 
     def begin_pass2(self) -> None:
-        """Switch to pass 2: bake the pass-1 result and make it the optimised mesh and texture."""
-        mesh, tex = self.bake()
+        """Switch to pass 2: bake the pass-1 result and make it the optimised mesh and texture.
+
+        With several processes rank zero bakes (xatlas is not bit-reproducible across processes) and broadcasts
+        the mesh and texture, so every rank continues from the identical result.
+        """
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if not distributed or self.trainer.is_global_zero:
+            mesh, tex = self.bake()
+            payload = {"mesh": {k: getattr(mesh, k).cpu() for k in ("verts", "faces", "uv", "uv_faces")},
+                       "texture": tex.cpu(), "stats": self.bake_stats}
+        else:
+            payload = None
+        if distributed:
+            payload = self.trainer.strategy.broadcast(payload, src=0)
+            mesh = Mesh(**{k: v.to(self.device) for k, v in payload["mesh"].items()}).with_tangents()
+            tex, self.bake_stats = payload["texture"].to(self.device), payload["stats"]
         self.surface = FixedTopologyMesh(mesh).to(self.device)
         self.textures = TexturePBRMaterial(tex, self.bounds).to(self.device)
         self.textures.clamp_()
@@ -280,7 +294,20 @@ class ReconSystem(L.LightningModule):
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self.surface is None and self.pass2_steps > 0 and self.global_step >= self.pass1_steps:
             self.begin_pass2()
+            self._rewrap_ddp()
             self.trainer.strategy.setup_optimizers(self.trainer)  # pass-2 parameters, fresh schedule
+
+    def _rewrap_ddp(self) -> None:
+        """Under DDP, wrap the module again so the pass-2 parameters join gradient averaging (DDP registers its
+        parameters once, when it wraps); the pass-1 networks are frozen so DDP leaves them out."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        strategy = self.trainer.strategy
+        if not isinstance(getattr(strategy, "model", None), DistributedDataParallel):
+            return
+        for module in (self.geometry, self.material):
+            module.requires_grad_(False)
+        strategy.model = strategy._setup_model(strategy.model.module)
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():  # nvdiffrec's projections after each step
@@ -309,6 +336,8 @@ class ReconSystem(L.LightningModule):
         if "surface.initial_verts" in state and self.surface is None:
             self.surface = FixedTopologyMesh.empty_like(state, "surface.").to(self.device)
             self.textures = TexturePBRMaterial(state["textures.texture"][0], self.bounds).to(self.device)
+            for module in (self.geometry, self.material):  # as at the pass switch: pass 2 does not train them
+                module.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------ optim
     def configure_optimizers(self):
