@@ -12,6 +12,8 @@ class BuiltinSceneConfig:
     n_train: int = 100       # training views on a Fibonacci sphere around the object
     n_val: int = 4
     n_test: int = 16
+    shading: str = "baked"   # baked (procedural albedo, baked Lambertian light) | pbr (known materials and light)
+    light: str = "sky"       # the pbr variant's light: sky | sunset
 
 
 @dataclass

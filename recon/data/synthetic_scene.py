@@ -174,6 +174,69 @@ def render_views(
     return torch.cat(images)
 
 
+# ----------------------------------------------------------------------------------------- PBR variant
+# Known uniform materials and two known lights for the relightable variant (shading="pbr"): recovering them
+# is what the full model is tested on. Roughness 0.4 and metalness 0.5 leave both the diffuse and the specular
+# lobe visible; the lights are grey (the model's white-balance prior) with a sun and a sky gradient.
+PBR_MATERIAL = {"kd": (0.70, 0.38, 0.18), "occlusion": 0.0, "roughness": 0.4, "metallic": 0.5}
+PBR_LIGHTS = {"sky": {"sun": (0.40, 0.80, 0.45), "sun_power": 8.0, "zenith": 1.2, "horizon": 0.6, "ground": 0.25},
+              "sunset": {"sun": (-0.75, 0.25, -0.6), "sun_power": 10.0, "zenith": 0.5, "horizon": 0.8, "ground": 0.15}}
+
+
+def pbr_light_latlong(name: str, height: int = 64) -> Tensor:
+    """Lat-long HDR probe [H,2H,3] of one of the built-in lights (PBR_LIGHTS), linear radiance."""
+    from recon.light.env_light import latlong_dirs
+
+    p = PBR_LIGHTS[name]
+    d = latlong_dirs(height)
+    y = d[..., 1:2]
+    sky = torch.where(y > 0, p["horizon"] + (p["zenith"] - p["horizon"]) * y, torch.full_like(y, p["ground"]))
+    sun = F.normalize(torch.tensor(p["sun"]), dim=0)
+    lobe = torch.exp(((d * sun).sum(-1, keepdim=True) - 1) / 0.02) * p["sun_power"]  # ~8 degrees wide
+    return (sky + lobe).expand(*d.shape[:2], 3).contiguous()
+
+
+@torch.no_grad()
+def render_views_pbr(
+    verts: Tensor, faces: Tensor, c2w: Tensor, resolution: int, rasterizer, light_name: str, supersample: int = 2,
+    batch: int = 4,
+) -> Tensor:
+    """Render the object with PBR_MATERIAL under the built-in light ``light_name`` (recon's split-sum shading).
+
+    Returns [N,H,W,4] float32: linear RGB (straight) and alpha coverage.
+    """
+    from recon.geometry.mesh import Mesh
+    from recon.light import EnvironmentLight
+    from recon.render.shading import render_pbr
+
+    device = verts.device
+    res = resolution * supersample
+    proj = perspective(CAMERA_ANGLE_X, 1.0, 0.1, 1000.0).to(device)
+    light = EnvironmentLight(base_res=64, min_res=8, diffuse_res=8).to(device)
+    light.from_latlong(pbr_light_latlong(light_name, 64).to(device))
+    light.build_mips()
+    mesh = Mesh(verts, faces).with_normals()
+    m = PBR_MATERIAL
+    values = torch.tensor([*m["kd"], m["occlusion"], m["roughness"], m["metallic"], 0.0, 0.0, 1.0], device=device)
+
+    def material(gb, mask):
+        v = values.expand(int(mask.sum()), 9)
+        return {"kd": v[:, 0:3], "ks": v[:, 3:6], "nrm": v[:, 6:9]}
+
+    images = []
+    for i in range(0, c2w.shape[0], batch):
+        cams = c2w[i : i + batch].to(device)
+        out = render_pbr(rasterizer, mesh, proj @ torch.linalg.inv(cams), cams[:, :3, 3], (res, res), material, light,
+                         perturb=False)
+        rgba = torch.cat([out["rgb"], out["alpha"]], -1)
+        if supersample > 1:  # box-filter the premultiplied image
+            rgba = F.avg_pool2d(rgba.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
+        alpha = rgba[..., 3:].clamp(0, 1)
+        rgb = torch.where(alpha > 1e-6, rgba[..., :3] / alpha.clamp_min(1e-6), torch.zeros_like(rgba[..., :3]))
+        images.append(torch.cat([rgb.clamp(0, 1), alpha], -1).cpu())
+    return torch.cat(images)
+
+
 def _write_split(root: Path, split: str, images: Tensor, c2w: np.ndarray) -> None:
     (root / split).mkdir(parents=True, exist_ok=True)
     frames = []
@@ -196,17 +259,25 @@ def builtin_scene(
     n_test: int = 16,
     cache_dir: str | Path | None = None,
     backend: str = "auto",
+    shading: str = "baked",
+    light: str = "sky",
 ) -> Path:
     """Path of the built-in scene in the NeRF-synthetic layout, generating it on first use.
 
     The directory holds train/val/test RGBA PNGs, ``transforms_{split}.json`` (``camera_angle_x``,
-    camera-to-world ``transform_matrix``) and ``gt_mesh.ply``. Generation writes into a temporary
+    camera-to-world ``transform_matrix``) and ``gt_mesh.ply``. shading: "baked" (procedural albedo with baked
+    Lambertian shading, view independent) or "pbr" (uniform PBR_MATERIAL under the built-in environment light
+    ``light``, written as ``light.hdr`` with ``materials.json``). Generation writes into a temporary
     directory that is renamed into place when complete, so an interrupted generation is never reused.
     """
     from recon.render import make_rasterizer
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if shading not in ("baked", "pbr") or light not in PBR_LIGHTS:
+        raise ValueError(f"data.builtin.shading={shading!r} / light={light!r}: use baked|pbr and one of {', '.join(PBR_LIGHTS)}.")
     name = f"builtin-v{SCENE_VERSION}-{resolution}px-{n_train}-{n_val}-{n_test}"
+    if shading == "pbr":
+        name += f"-pbr-{light}"
     root = cache / "scenes" / name
     if (root / "transforms_test.json").exists():
         return root
@@ -221,9 +292,17 @@ def builtin_scene(
         rasterizer = make_rasterizer(backend, device)
         verts = torch.from_numpy(verts_np).to(device)
         faces = torch.from_numpy(faces_np).to(device)
+        if shading == "pbr":
+            from recon.export.hdr import write_hdr
+
+            write_hdr(tmp / "light.hdr", pbr_light_latlong(light, 64))
+            (tmp / "materials.json").write_text(json.dumps(PBR_MATERIAL, indent=2))
         for split, n, seed, offset in (("train", n_train, None, 0.5), ("val", n_val, 1, 0.25), ("test", n_test, 2, 0.75)):
             c2w = orbit_c2w(n, CAMERA_RADIUS, seed, offset)
-            images = render_views(verts, faces, torch.from_numpy(c2w), resolution, rasterizer)
+            if shading == "pbr":
+                images = render_views_pbr(verts, faces, torch.from_numpy(c2w), resolution, rasterizer, light)
+            else:
+                images = render_views(verts, faces, torch.from_numpy(c2w), resolution, rasterizer)
             _write_split(tmp, split, images, c2w)
         try:
             tmp.rename(root)
