@@ -18,7 +18,7 @@ class BuiltinSceneConfig:
 class DataConfig:
     _target_: str = "recon.data.datamodule.NeRFDataModule"
     path: Optional[str] = None            # scene directory; null = the built-in scene
-    format: str = "auto"                  # auto | nerf_synthetic | nerfstudio | llff (auto: by marker file)
+    format: str = "auto"                  # auto | nerf_synthetic | nerfstudio | llff | colmap (auto: by marker file)
     resolution: Any = 800                 # int or [H, W]; frames are resampled to it
     batch_size: int = 8                   # views per training step
     background_color: Optional[List[float]] = None  # sRGB backdrop of RGB-only images (mask from colour)
