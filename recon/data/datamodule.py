@@ -1,4 +1,5 @@
-"""LightningDataModule over posed frames: NeRF-synthetic, nerfstudio / instant-ngp or LLFF directories, or the built-in scene."""
+"""LightningDataModule over posed frames: NeRF-synthetic, nerfstudio / instant-ngp, LLFF or COLMAP directories,
+unposed photos (posed by structure-from-motion), or the built-in scene."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,12 +27,13 @@ class NeRFDataModule(L.LightningDataModule):
     """Train/val/test frames for reconstruction.
 
     path: a scene directory; None uses the built-in scene (generated on first use at ``resolution``).
-    format: auto | nerf_synthetic | nerfstudio | llff; auto picks by the marker file (transforms_train.json,
-    transforms.json, poses_bounds.npy, in that order).
+    format: auto | nerf_synthetic | nerfstudio | llff | colmap | images; auto picks by the marker (transforms_train.json,
+    transforms.json, poses_bounds.npy, sparse/0/cameras.bin|txt, then images/ or image files; see sources.FORMATS).
     resolution: int or [H, W]; frames are resampled to it (None keeps the files' size).
     batch_size: views per training step. background_color: sRGB backdrop of RGB-only images (mask from colour).
     resident: keep every frame on the training device and batch by index there (no per-step host copies);
     off, batches are collated on the host and copied each step (for data sets larger than device memory).
+    sfm: structure-from-motion settings of format=images (see ``recon.data.sfm.load_images``).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class NeRFDataModule(L.LightningDataModule):
         builtin: dict | None = None,
         resident: bool = True,
         format: str = "auto",
+        sfm: dict | None = None,
     ):
         super().__init__()
         if format != "auto" and format not in FORMATS:
@@ -60,6 +63,7 @@ class NeRFDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.builtin = dict(builtin or {})
         self.resident = resident
+        self.sfm = dict(sfm or {})
         self.frames: dict[str, Frames] = {}
         self._on_device: dict[tuple[str, str], dict] = {}
 
@@ -77,7 +81,8 @@ class NeRFDataModule(L.LightningDataModule):
     def load_split(self, split: str) -> Frames:
         if split not in self.frames:
             fmt = self.format if self.path else "nerf_synthetic"  # the built-in scene is NeRF-synthetic
-            frames = load_frames(self.scene_dir(), split, fmt, self.background_color, self.mask_tolerance)
+            frames = load_frames(self.scene_dir(), split, fmt, self.background_color, self.mask_tolerance,
+                                 options={"images": self.sfm})
             if self.resolution is not None:
                 frames = frames.resized(self.resolution)
             self.frames[split] = frames

@@ -7,17 +7,27 @@ from recon.data.colmap import load_colmap
 from recon.data.frames import DataError, Frames
 from recon.data.llff import load_llff
 from recon.data.nerf_synthetic import load_nerf_synthetic
-from recon.data.nerfstudio import load_nerfstudio
+from recon.data.nerfstudio import IMAGE_SUFFIXES, load_nerfstudio
+from recon.data.sfm import load_images
 
 FORMATS = {  # format name -> what marks a directory of that format (any one of them), in detection order
     "nerf_synthetic": ("transforms_train.json",),
     "nerfstudio": ("transforms.json",),
     "llff": ("poses_bounds.npy",),
     "colmap": ("sparse/0/cameras.bin", "sparse/0/cameras.txt", "sparse/cameras.bin", "sparse/cameras.txt"),
+    "images": ("images/", "*.png|*.jpg"),  # unposed photos: an images/ folder, or a folder of image files
 }
 
 
+def _has_images(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_file() and p.suffix in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
 def _marks(root: Path, marker: str) -> bool:
+    if marker.endswith("/"):
+        return _has_images(root / marker)
+    if marker.startswith("*"):
+        return _has_images(root)
     return (root / marker).is_file()
 
 
@@ -36,7 +46,7 @@ def detect_format(root: Path) -> str:
 
 
 READERS = {"nerf_synthetic": load_nerf_synthetic, "nerfstudio": load_nerfstudio, "llff": load_llff,
-           "colmap": load_colmap}
+           "colmap": load_colmap, "images": load_images}
 
 
 def load_frames(
