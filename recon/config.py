@@ -30,7 +30,7 @@ class SfmConfig:
 class DataConfig:
     _target_: str = "recon.data.datamodule.NeRFDataModule"
     path: Optional[str] = None            # scene directory; null = the built-in scene
-    format: str = "auto"                  # auto | nerf_synthetic | nerfstudio | llff | colmap | images (auto: by marker)
+    format: str = "auto"                  # auto | nerf_synthetic | nerfstudio | llff | colmap | views | images
     resolution: Any = 800                 # int or [H, W]; frames are resampled to it
     batch_size: int = 8                   # views per training step
     background_color: Optional[List[float]] = None  # sRGB backdrop of RGB-only images (mask from colour)
@@ -39,6 +39,11 @@ class DataConfig:
     resident: bool = True                 # keep frames on the training device (no per-step host copies)
     builtin: BuiltinSceneConfig = field(default_factory=BuiltinSceneConfig)
     sfm: SfmConfig = field(default_factory=SfmConfig)
+    normalize: Optional[str] = None       # auto | none | null = per format (none: nerf_synthetic, built-in; else auto)
+    normalize_margin: float = 0.1         # normalize=auto: fraction of the grid's half edge left free around the object
+    grid_scale: float = 2.1               # tet-grid cube edge to fit the object into (yamls: ${model.geometry.scale})
+    grid_center: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # (yamls: ${model.geometry.center})
+    min_views: int = 3                    # fewest training frames accepted
 
 
 @dataclass

@@ -9,12 +9,14 @@ from recon.data.llff import load_llff
 from recon.data.nerf_synthetic import load_nerf_synthetic
 from recon.data.nerfstudio import IMAGE_SUFFIXES, load_nerfstudio
 from recon.data.sfm import load_images
+from recon.data.views_depth import load_views
 
 FORMATS = {  # format name -> what marks a directory of that format (any one of them), in detection order
     "nerf_synthetic": ("transforms_train.json",),
     "nerfstudio": ("transforms.json",),
     "llff": ("poses_bounds.npy",),
     "colmap": ("sparse/0/cameras.bin", "sparse/0/cameras.txt", "sparse/cameras.bin", "sparse/cameras.txt"),
+    "views": ("cameras.json",),
     "images": ("images/", "*.png|*.jpg"),  # unposed photos: an images/ folder, or a folder of image files
 }
 
@@ -46,7 +48,7 @@ def detect_format(root: Path) -> str:
 
 
 READERS = {"nerf_synthetic": load_nerf_synthetic, "nerfstudio": load_nerfstudio, "llff": load_llff,
-           "colmap": load_colmap, "images": load_images}
+           "colmap": load_colmap, "views": load_views, "images": load_images}
 
 
 def load_frames(
