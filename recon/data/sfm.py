@@ -110,6 +110,9 @@ def run_sfm(
         raise DataError("structure-from-motion needs pycolmap: pip install pycolmap") from e
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="recon-sfm-"))
+    glog_level = pycolmap.logging.minloglevel
+    if not log.isEnabledFor(logging.DEBUG):  # COLMAP's per-image progress lines only with DEBUG logging
+        pycolmap.logging.minloglevel = 1
     try:
         db = work / "database.db"
         reader = pycolmap.ImageReaderOptions()
@@ -140,6 +143,7 @@ def run_sfm(
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
     finally:
+        pycolmap.logging.minloglevel = glog_level
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -193,7 +193,8 @@ def test_unreadable_image(scene, tmp_path):
 
 def test_camera_size_mismatch(scene, tmp_path):
     root = write_colmap(scene, tmp_path, size=(64, 64))
-    with pytest.raises(DataError, match=r"camera 1 in .*cameras\.txt \(used by image '001\.png'.*\) is 64x64 but the image .*001\.png is 32x32"):
+    message = r"camera 1 in .*cameras\.txt \(used by image '001\.png'.*\) is 64x64 but the image .*001\.png is 32x32"
+    with pytest.raises(DataError, match=message):
         load_colmap(root, "train")
 
 

@@ -154,6 +154,16 @@ def test_features_come_only_from_the_object(photos, sfm_cache):
     assert checked > 1000
 
 
+@pytest.mark.slow
+def test_sequential_matching_registers_photos_taken_in_order(photos, tmp_path):
+    root, _ = photos
+    from recon.data.sfm import ensure_sfm
+
+    _, summary = ensure_sfm(root, matcher="sequential", cache_dir=tmp_path)
+    print(f"SfM (sequential): {summary}")
+    assert summary["registered"] >= 0.8 * N_VIEWS and summary["mean_reprojection_error_px"] < 1.0
+
+
 def test_too_few_registered_images_is_refused(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(4):  # unrelated noise images: nothing matches, nothing registers
