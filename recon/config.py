@@ -17,10 +17,22 @@ class BuiltinSceneConfig:
 
 
 @dataclass
+class SfmConfig:
+    """Structure-from-motion of unposed photos (data.format=images)."""
+    min_registered: float = 0.8           # fraction of the photos SfM must register (and at least 3), else an error
+    matcher: str = "exhaustive"           # exhaustive | sequential (video frames, matched with neighbours in name order)
+    camera_model: str = "SIMPLE_RADIAL"   # COLMAP camera model estimated (distortion is then removed)
+    single_camera: bool = True            # one camera (intrinsics) shared by all photos
+    use_masks: bool = True                # extract features only on the object (masks/, alpha or background_color)
+    max_image_size: int = 1600            # photos are downscaled to this longest side for feature extraction
+    cache_dir: Optional[str] = None       # null = $RECON_CACHE/sfm (default ~/.cache/recon/sfm)
+
+
+@dataclass
 class DataConfig:
     _target_: str = "recon.data.datamodule.NeRFDataModule"
     path: Optional[str] = None            # scene directory; null = the built-in scene
-    format: str = "auto"                  # auto | nerf_synthetic | nerfstudio | llff (auto: by marker file)
+    format: str = "auto"                  # auto | nerf_synthetic | nerfstudio | llff | colmap | views | images
     resolution: Any = 800                 # int or [H, W]; frames are resampled to it
     batch_size: int = 8                   # views per training step
     background_color: Optional[List[float]] = None  # sRGB backdrop of RGB-only images (mask from colour)
@@ -28,6 +40,12 @@ class DataConfig:
     num_workers: int = 0
     resident: bool = True                 # keep frames on the training device (no per-step host copies)
     builtin: BuiltinSceneConfig = field(default_factory=BuiltinSceneConfig)
+    sfm: SfmConfig = field(default_factory=SfmConfig)
+    normalize: Optional[str] = None       # auto | none | null = per format (none: nerf_synthetic, built-in; else auto)
+    normalize_margin: float = 0.1         # normalize=auto: fraction of the grid's half edge left free around the object
+    grid_scale: float = 2.1               # tet-grid cube edge to fit the object into (yamls: ${model.geometry.scale})
+    grid_center: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # (yamls: ${model.geometry.center})
+    min_views: int = 3                    # fewest training frames accepted
 
 
 @dataclass

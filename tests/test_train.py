@@ -93,7 +93,7 @@ def test_nvdiffrast_backend_without_cuda_is_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     proc = run_train(tmp_path, "experiment=cpu", "trainer.max_steps=1", "data.resolution=16",
-                     "data.builtin.n_train=2", "data.builtin.n_test=1", "model.geometry.tet_grid=8",
+                     "data.builtin.n_train=3", "data.builtin.n_test=1", "model.geometry.tet_grid=8",
                      "model.render.backend=nvdiffrast")
     assert proc.returncode != 0
     assert "render.backend='nvdiffrast' needs CUDA" in proc.stderr and "render.backend=torch" in proc.stderr

@@ -41,12 +41,15 @@ class Frames:
     c2w: [N,4,4] camera-to-world, NeRF convention (x right, y up, looking down -z).
     intrinsics: [N,4] (fx, fy, cx, cy) in pixels of ``images``.
     paths: the image file of each frame, for error messages.
+    depth: optional [N,H,W] float32 reference depth: camera-space distance along the viewing axis (-z), scene
+    units, 0 where unknown.
     """
 
     images: Tensor
     c2w: Tensor
     intrinsics: Tensor
     paths: list[str] = field(default_factory=list)
+    depth: Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -62,7 +65,12 @@ class Frames:
         return proj @ torch.linalg.inv(self.c2w)
 
     def resized(self, resolution: tuple[int, int]) -> "Frames":
-        """Resample images to (H, W) (area filter on premultiplied colour when shrinking), scaling intrinsics."""
+        """Resample images to (H, W) (area filter on premultiplied colour when shrinking), scaling intrinsics.
+
+        Depth is resampled by nearest neighbour: each output pixel takes one input pixel's depth, so no value
+        mixes the near and far sides of a silhouette or depth edge (an average there is a surface that is not
+        in the scene).
+        """
         h, w = self.resolution
         if (h, w) == tuple(resolution):
             return self
@@ -75,11 +83,25 @@ class Frames:
         alpha = out[..., 3:].clamp(0, 1)
         rgb = torch.where(alpha > 1e-6, out[..., :3] / alpha.clamp_min(1e-6), torch.zeros_like(out[..., :3]))
         scale = torch.tensor([rw / w, rh / h, rw / w, rh / h])
-        return Frames(torch.cat([rgb.clamp(0, 1), alpha], -1), self.c2w, self.intrinsics * scale, self.paths)
+        depth = None
+        if self.depth is not None:
+            depth = F.interpolate(self.depth[:, None], size=(rh, rw), mode="nearest-exact")[:, 0]
+        return Frames(torch.cat([rgb.clamp(0, 1), alpha], -1), self.c2w, self.intrinsics * scale, self.paths, depth)
+
+    def transformed(self, scale: float, translation: Tensor) -> "Frames":
+        """The same frames in a world scaled by ``scale`` and shifted by ``translation`` [3] (x -> s x + t).
+
+        Camera positions map like points; rotations stay; depth (a distance) scales by ``scale``.
+        """
+        c2w = self.c2w.clone()
+        c2w[:, :3, 3] = scale * c2w[:, :3, 3] + translation.to(c2w)
+        depth = self.depth * scale if self.depth is not None else None
+        return Frames(self.images, c2w, self.intrinsics, self.paths, depth)
 
 
 class FrameDataset(Dataset):
-    """Serves frames as dicts: ``img`` [H,W,4], ``mvp`` [4,4], ``cam_pos`` [3], ``index``."""
+    """Serves frames as dicts: ``img`` [H,W,4], ``mvp`` [4,4], ``cam_pos`` [3], ``index``, and ``depth`` [H,W,1]
+    (scene units along -z, 0 = unknown) when the frames have depth."""
 
     def __init__(self, frames: Frames, near: float = 0.1, far: float = 1000.0):
         self.frames = frames
@@ -90,4 +112,7 @@ class FrameDataset(Dataset):
         return len(self.frames)
 
     def __getitem__(self, i: int) -> dict:
-        return {"img": self.frames.images[i], "mvp": self.mvp[i], "cam_pos": self.cam_pos[i], "index": i}
+        item = {"img": self.frames.images[i], "mvp": self.mvp[i], "cam_pos": self.cam_pos[i], "index": i}
+        if self.frames.depth is not None:
+            item["depth"] = self.frames.depth[i, ..., None]
+        return item

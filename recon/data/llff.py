@@ -5,7 +5,8 @@ first three columns are the camera-to-world rotation in LLFF's [down, right, bac
 position and the fifth (height, width, focal) in pixels of the full-size images, then the near/far depth
 bounds. The rotation is converted to recon's NeRF convention (x right, y up, looking down -z): the columns
 [down, right, back] become [right, up, back] = [c1, -c0, c2]. Poses keep the capture's world frame and units
-(no recentring or bound-based rescaling as in NeRF's loader): place the tet grid with ``model.geometry``.
+(no recentring or bound-based rescaling as in NeRF's loader); ``data.normalize=auto`` (the default for this
+format) then fits the object into the tet grid from the masks.
 
 When the images are a downscaled copy (LLFF's ``images_4`` etc., chosen with ``image_dir``), the focal
 length is scaled by the images' size over (height, width); the principal point is the image centre.

@@ -15,8 +15,8 @@ the first, is held out; ``val`` and ``test`` are that same held-out set.
 
 instant-ngp's ``scale``, ``offset`` and ``aabb_scale`` say how instant-ngp maps these poses into its unit
 cube; recon does not apply them (the poses are read unchanged, in the capture's units) and reports them in
-:func:`transforms_metadata`. Fit the object into recon's tet grid with ``model.geometry.scale`` and
-``model.geometry.center`` instead.
+:func:`transforms_metadata`. ``data.normalize=auto`` (the default for this format, see
+:mod:`recon.data.normalize`) fits the object into recon's tet grid from the masks instead.
 """
 from __future__ import annotations
 

@@ -137,12 +137,15 @@ def orbit_c2w(n: int, radius: float, seed: int | None, offset: float = 0.5) -> n
 # ----------------------------------------------------------------------------------------- rendering
 @torch.no_grad()
 def render_views(
-    verts: Tensor, faces: Tensor, c2w: Tensor, resolution: int, rasterizer, supersample: int = 2, batch: int = 4
+    verts: Tensor, faces: Tensor, c2w: Tensor, resolution: int, rasterizer, supersample: int = 2, batch: int = 4,
+    albedo=None,
 ) -> Tensor:
     """Render the object (baked Lambertian shading of the procedural albedo) from cameras c2w [N,4,4].
 
+    albedo: world points [N,3] -> linear RGB [N,3]; None is :func:`scene_albedo`.
     Returns [N,H,W,4] float32: linear RGB with straight (not premultiplied) colour and alpha coverage.
     """
+    albedo = scene_albedo if albedo is None else albedo
     device = verts.device
     res = resolution * supersample
     proj = perspective(CAMERA_ANGLE_X, 1.0, 0.1, 1000.0).to(device)
@@ -159,7 +162,7 @@ def render_views(
         gb_pos, _ = rasterizer.interpolate(verts, rast, faces)
         gb_n, _ = rasterizer.interpolate(normals, rast, faces)
         mask = rast[..., 3] > 0
-        kd = scene_albedo(gb_pos[mask])
+        kd = albedo(gb_pos[mask])
         n = F.normalize(gb_n[mask], dim=-1)
         shade = 0.35 + 0.65 * (n @ light).clamp_min(0)[:, None]
         rgb = torch.zeros(*mask.shape, 3, device=device)

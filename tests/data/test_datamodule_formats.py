@@ -1,6 +1,7 @@
 """NeRFDataModule format detection: each layout picks its reader and yields batches; unknown layouts fail clearly."""
 import pytest
 import torch
+from test_colmap import write_colmap
 from test_llff import write_llff
 from test_nerfstudio import write_nerfstudio
 
@@ -8,10 +9,11 @@ from recon.data.datamodule import NeRFDataModule
 from recon.data.frames import DataError
 
 
-@pytest.mark.parametrize("fmt", ["nerf_synthetic", "nerfstudio", "llff"])
+@pytest.mark.parametrize("fmt", ["nerf_synthetic", "nerfstudio", "llff", "colmap"])
 def test_auto_detects_format_and_yields_batches(scene, tmp_path, fmt, monkeypatch):
     root = {"nerf_synthetic": lambda: scene, "nerfstudio": lambda: write_nerfstudio(scene, tmp_path / "ns"),
-            "llff": lambda: write_llff(scene, tmp_path / "llff")}[fmt]()
+            "llff": lambda: write_llff(scene, tmp_path / "llff"),
+            "colmap": lambda: write_colmap(scene, tmp_path / "colmap")}[fmt]()
     import recon.data.sources as sources
 
     called = []
@@ -37,5 +39,5 @@ def test_unknown_layout_lists_what_was_looked_for(tmp_path):
 
 
 def test_unknown_format_name():
-    with pytest.raises(DataError, match=r"data.format='colmap' is not one of auto, nerf_synthetic, nerfstudio, llff"):
-        NeRFDataModule(format="colmap")
+    with pytest.raises(DataError, match=r"data.format='colmpa' is not one of auto, nerf_synthetic, nerfstudio, llff, colmap"):
+        NeRFDataModule(format="colmpa")
