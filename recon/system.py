@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recon.color import linear_to_srgb, tonemap_srgb
+from recon.data.depth import depth_loss
 from recon.data.sampler import run_seed
 from recon.export.cleanup import cull_invisible
 from recon.export.uv_bake import bake_pbr_textures, simplify, unwrap
@@ -183,9 +184,8 @@ class ReconSystem(L.LightningModule):
         weights["occlusion"] = c.get("occlusion_weight", 0.001) * ramp
         terms["light_white"], weights["light_white"] = self.light.regularizer(), c.get("light_white_weight", 0.005)
         if depth is not None and c.get("depth_weight", 0.0) > 0 and "depth" in out:
-            valid = (depth > 0) & (out["alpha"] > 0.5) & (ref_a > 0.5)
-            err = (out["depth"] - depth).abs() * valid
-            terms["depth"], weights["depth"] = err.sum() / valid.sum().clamp_min(1), c["depth_weight"]
+            terms["depth"] = depth_loss(out["depth"], depth, out["alpha"], ref_a)
+            weights["depth"] = c["depth_weight"]
         terms["total"] = sum(weights[k] * terms[k] for k in weights)
         return {**terms, "composited": color, "reference": ref}
 

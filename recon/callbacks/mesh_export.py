@@ -20,11 +20,13 @@ from recon.materials.pbr import split_channels
 EXPORT_FILES = ("probe.hdr", "texture_kd.png", "texture_ks.png", "texture_n.png", "mesh.mtl", "mesh.glb", "mesh.obj")
 
 
-def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_latlong: torch.Tensor | None) -> Path:
+def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_latlong: torch.Tensor | None,
+                 to_world=None) -> Path:
     """Write every export of a textured PBR mesh into ``out_dir``; returns the OBJ path.
 
     mesh: UV-unwrapped. texture: [R,R,9] (kd, ks = occlusion/roughness/metallic, tangent-space normal).
-    light_latlong: [H,2H,3] linear HDR or None. Files: ``probe.hdr``, ``texture_kd.png`` (sRGB), ``texture_ks.png``
+    light_latlong: [H,2H,3] linear HDR or None. to_world: maps the fit's (normalized) positions back to the input's
+    coordinates (``datamodule.normalization.to_world``); None keeps them. Files: ``probe.hdr``, ``texture_kd.png`` (sRGB), ``texture_ks.png``
     (linear ORM, nvdiffrec's layout), ``texture_n.png``, ``mesh.mtl``, ``mesh.glb`` (glTF PBR metallic-roughness;
     its occlusion is 1 - ks.occlusion, glTF's visibility convention) and ``mesh.obj``.
     Everything is written into a hidden staging folder first and then renamed into place, ``mesh.glb`` and
@@ -36,6 +38,10 @@ def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_l
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if to_world is not None:  # back to the input's coordinates (a similarity: normals and tangents keep their directions)
+        mesh = Mesh(verts=torch.as_tensor(to_world(mesh.verts), dtype=mesh.verts.dtype, device=mesh.verts.device),
+                    faces=mesh.faces, normals=mesh.normals, uv=mesh.uv, uv_faces=mesh.uv_faces, tangents=mesh.tangents,
+                    handedness=mesh.handedness)
     stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         ch = split_channels(texture)
@@ -50,6 +56,12 @@ def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_l
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out_dir / "mesh.obj"
+
+
+def _to_world(trainer: L.Trainer):
+    """The datamodule's normalized-to-input coordinate map, or None when the fit ran in the input's coordinates."""
+    norm = getattr(trainer.datamodule, "normalization", None)
+    return None if norm is None or norm.is_identity else norm.to_world
 
 
 class MeshExport(L.Callback):
@@ -76,6 +88,9 @@ class MeshExport(L.Callback):
                 "resolution": list(dm.resolution) if dm.resolution else None,
                 "background_color": list(dm.background_color) if dm.background_color else None,
                 "mask_tolerance": dm.mask_tolerance, "light": dict(pl_module.hparams.get("light", {}))}
+        norm = getattr(dm, "normalization", None)
+        if norm is not None:
+            info["normalization"] = norm.as_dict()
         atomic_write_bytes(self.out_dir / RUN_INFO, json.dumps(info, indent=2).encode())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
@@ -85,7 +100,7 @@ class MeshExport(L.Callback):
         pl_module.pass1_result = None
         if trainer.is_global_zero:
             self._pass_seconds["pass1_seconds"] = time.perf_counter() - self._t0 if self._t0 else None
-            write_result(self.out_dir / "pass1", result["mesh"], result["texture"], result["light"])
+            write_result(self.out_dir / "pass1", result["mesh"], result["texture"], result["light"], _to_world(trainer))
             rank_zero_info(f"pass 1 exported to {self.out_dir / 'pass1'} ({result['mesh'].faces.shape[0]} triangles)")
 
     @rank_zero_only
@@ -101,7 +116,7 @@ class MeshExport(L.Callback):
                 ply = pl_module.geometry.extract_mesh().to_trimesh().export(file_type="ply")
                 atomic_write_bytes(self.out_dir / "mesh_extracted.ply", ply)
             result = pl_module.result()
-        obj = write_result(self.out_dir, result["mesh"], result["texture"], result["light"])
+        obj = write_result(self.out_dir, result["mesh"], result["texture"], result["light"], _to_world(trainer))
         export_seconds = time.perf_counter() - t0
         mesh = result["mesh"]
         rank_zero_info(f"exported {obj} ({mesh.faces.shape[0]} triangles, {result['texture'].shape[0]}^2 textures)")

@@ -70,3 +70,18 @@ def test_crash_mid_export_leaves_nothing(tmp_path, result, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_result(tmp_path, mesh, tex, light)
     assert list(tmp_path.iterdir()) == []  # no mesh.glb, no mesh.obj, no staging folder
+
+
+def test_export_back_in_input_coordinates(tmp_path, result):
+    """A fit in normalized coordinates writes its mesh in the input's (datamodule.normalization.to_world)."""
+    from recon.data.normalize import Normalization
+
+    mesh, tex, light = result
+    norm = Normalization(scale=0.25, translation=[0.5, -1.0, 2.0], method="test")
+    write_result(tmp_path, mesh, tex, light, to_world=norm.to_world)
+    tm = trimesh.load(tmp_path / "mesh.obj", force="mesh", process=False)
+    expected = norm.to_world(mesh.verts).numpy()
+    got = np.unique(np.round(tm.vertices, 5), axis=0)  # trimesh splits vertices at UV seams
+    np.testing.assert_allclose(got, np.unique(np.round(expected, 5), axis=0), atol=2e-5)
+    glb = trimesh.load(tmp_path / "mesh.glb", force="mesh", process=False)
+    np.testing.assert_allclose(glb.bounds, trimesh.Trimesh(expected, mesh.faces.numpy()).bounds, atol=1e-5)
