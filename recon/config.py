@@ -72,7 +72,7 @@ class MaterialConfig:
     n_neurons: int = 32
     n_hidden_layers: int = 2
     encoding: HashGridConfig = field(default_factory=HashGridConfig)
-    backend: str = "auto"                 # hash-grid backend: auto | torch | tcnn
+    backend: str = "auto"                 # hash-grid backend: auto | torch | tcnn | triton
     # bounds of the nine channels: albedo kd, ks = (occlusion, roughness, metallic), tangent-space normal
     kd_min: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     kd_max: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
