@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--run-dir", type=Path, default=Path("outputs/pbr_recovery"))
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the result")
     ap.add_argument("overrides", nargs="*", help="extra train.py overrides")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # options and overrides in any order
     scene = dict(resolution=a.resolution, n_train=a.views, n_val=2, n_test=8, shading="pbr")
     train_scene, relit_scene = builtin_scene(**scene, light="sky"), builtin_scene(**scene, light="sunset")
     cmd = [sys.executable, str(ROOT / "train.py"), "experiment=cpu", f"hydra.run.dir={a.run_dir}",
