@@ -289,7 +289,8 @@ class ReconSystem(L.LightningModule):
         self.surface = FixedTopologyMesh(mesh).to(self.device)
         self.textures = TexturePBRMaterial(tex, self.bounds).to(self.device)
         self.textures.clamp_()
-        self.pass1_result = {"mesh": mesh, "texture": tex, "light": self.light.to_latlong(self.light.base.shape[1]), "stats": dict(self.bake_stats)}
+        self.pass1_result = {"mesh": mesh, "texture": tex, "light": self.light.to_latlong(self.light.base.shape[1]),
+                             "stats": dict(self.bake_stats)}
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self.surface is None and self.pass2_steps > 0 and self.global_step >= self.pass1_steps:

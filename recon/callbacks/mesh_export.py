@@ -16,7 +16,6 @@ from recon.export.obj import atomic_write_bytes, write_textured_obj
 from recon.geometry.mesh import Mesh
 from recon.materials.pbr import split_channels
 
-
 EXPORT_FILES = ("probe.hdr", "texture_kd.png", "texture_ks.png", "texture_n.png", "mesh.mtl", "mesh.glb", "mesh.obj")
 
 
@@ -26,7 +25,8 @@ def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_l
 
     mesh: UV-unwrapped. texture: [R,R,9] (kd, ks = occlusion/roughness/metallic, tangent-space normal).
     light_latlong: [H,2H,3] linear HDR or None. to_world: maps the fit's (normalized) positions back to the input's
-    coordinates (``datamodule.normalization.to_world``); None keeps them. Files: ``probe.hdr``, ``texture_kd.png`` (sRGB), ``texture_ks.png``
+    coordinates (``datamodule.normalization.to_world``); None keeps them.
+    Files: ``probe.hdr``, ``texture_kd.png`` (sRGB), ``texture_ks.png``
     (linear ORM, nvdiffrec's layout), ``texture_n.png``, ``mesh.mtl``, ``mesh.glb`` (glTF PBR metallic-roughness;
     its occlusion is 1 - ks.occlusion, glTF's visibility convention) and ``mesh.obj``.
     Everything is written into a hidden staging folder first and then renamed into place, ``mesh.glb`` and

@@ -135,6 +135,15 @@ def orbit_c2w(n: int, radius: float, seed: int | None, offset: float = 0.5) -> n
 
 
 # ----------------------------------------------------------------------------------------- rendering
+def downsample_straight(rgba: Tensor, supersample: int) -> Tensor:
+    """Box-filter premultiplied RGBA [B,H,W,4] by ``supersample`` and return straight colour + alpha, clamped to [0,1]."""
+    if supersample > 1:
+        rgba = F.avg_pool2d(rgba.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
+    alpha = rgba[..., 3:].clamp(0, 1)
+    rgb = torch.where(alpha > 1e-6, rgba[..., :3] / alpha.clamp_min(1e-6), torch.zeros_like(rgba[..., :3]))
+    return torch.cat([rgb.clamp(0, 1), alpha], -1)
+
+
 @torch.no_grad()
 def render_views(
     verts: Tensor, faces: Tensor, c2w: Tensor, resolution: int, rasterizer, supersample: int = 2, batch: int = 4,
@@ -169,11 +178,7 @@ def render_views(
         rgb[mask] = kd * shade
         rgba = torch.cat([rgb, mask[..., None].float()], -1)
         rgba = rasterizer.antialias(rgba.contiguous(), rast, pos_clip, faces)
-        if supersample > 1:  # box-filter the premultiplied image
-            rgba = F.avg_pool2d(rgba.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
-        alpha = rgba[..., 3:].clamp(0, 1)
-        rgb = torch.where(alpha > 1e-6, rgba[..., :3] / alpha.clamp_min(1e-6), torch.zeros_like(rgba[..., :3]))
-        images.append(torch.cat([rgb.clamp(0, 1), alpha], -1).cpu())
+        images.append(downsample_straight(rgba, supersample).cpu())
     return torch.cat(images)
 
 
@@ -232,11 +237,7 @@ def render_views_pbr(
         out = render_pbr(rasterizer, mesh, proj @ torch.linalg.inv(cams), cams[:, :3, 3], (res, res), material, light,
                          perturb=False)
         rgba = torch.cat([out["rgb"], out["alpha"]], -1)
-        if supersample > 1:  # box-filter the premultiplied image
-            rgba = F.avg_pool2d(rgba.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
-        alpha = rgba[..., 3:].clamp(0, 1)
-        rgb = torch.where(alpha > 1e-6, rgba[..., :3] / alpha.clamp_min(1e-6), torch.zeros_like(rgba[..., :3]))
-        images.append(torch.cat([rgb.clamp(0, 1), alpha], -1).cpu())
+        images.append(downsample_straight(rgba, supersample).cpu())
     return torch.cat(images)
 
 
