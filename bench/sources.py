@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     scene = builtin_scene(resolution=RES, n_train=64, n_val=2, n_test=8)
     gt = scene / "gt_mesh.ply"
     results = {}
-    want = (lambda n: a.only is None or n in a.only)
+
+    def want(name: str) -> bool:
+        return a.only is None or name in a.only
 
     if want("nerf_synthetic"):
         results["nerf_synthetic"] = fit("nerf_synthetic", scene, a.work)
