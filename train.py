@@ -1,9 +1,10 @@
 """Fit a textured mesh to multi-view images: `python train.py [experiment=cpu] [data.path=DIR] [key=value ...]`."""
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from recon.config import register_configs
+from recon.config import register_configs, write_run_config
 
 register_configs()  # typed schemas: a misspelt key fails at compose time, not at step 4000
 
@@ -11,6 +12,7 @@ register_configs()  # typed schemas: a misspelt key fails at compose time, not a
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed, workers=True)
+    write_run_config(cfg, HydraConfig.get().runtime.output_dir)  # config_resolved.yaml + version
     datamodule = hydra.utils.instantiate(cfg.data)
     system = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]

@@ -170,3 +170,16 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+
+
+def write_run_config(cfg, out_dir) -> None:
+    """Write ``config_resolved.yaml`` (every interpolation resolved) and the recon version into the run directory."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import recon
+    from recon.export.obj import atomic_write_bytes
+
+    text = f"# recon {recon.__version__}\n" + OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write_bytes(Path(out_dir) / "config_resolved.yaml", text.encode())

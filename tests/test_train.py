@@ -57,9 +57,34 @@ def test_short_fit_writes_all_outputs(tmp_path):
     assert timing["passes"] == 2 and timing["steps"] == 5 and timing["pass1_seconds"] > 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_views"] == 2 and "chamfer_l1" in metrics["geometry"] and metrics["shading"] == "pbr"
+    resolved = (run / "config_resolved.yaml").read_text()
+    assert resolved.startswith("# recon ") and "max_steps: 5" in resolved and "${" not in resolved
     glb = trimesh.load(run / "mesh.glb", force="mesh", process=False)
     obj = trimesh.load(run / "mesh.obj", force="mesh", process=False)
     assert len(glb.faces) == len(obj.faces) and glb.visual.material.baseColorTexture is not None
+
+
+def test_tensorboard_records_losses_images_and_hparams(tmp_path):
+    """The event file holds every loss term of both passes, learning rates, validation metrics and image grids,
+    and the hyperparameters with the final test metrics (TensorBoard's HParams tab)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = run_train(tmp_path, "experiment=cpu", "model.pass1_steps=4", "model.pass2_steps=2", "data.resolution=32",
+                     "data.batch_size=2", "data.builtin.n_train=4", "data.builtin.n_test=2", "model.geometry.tet_grid=16",
+                     "model.light.base_res=16", "model.bake.texture_res=64", "callbacks.mesh_export.eval_samples=2000",
+                     "trainer.val_check_interval=3", "trainer.log_every_n_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (event_file,) = (tmp_path / "run" / "tb").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(event_file), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/loss_color", "train/loss_alpha", "train/loss_sdf", "train/loss_kd_smooth",
+                "train/loss_laplace", "train/loss_light_white", "train/psnr", "train/triangles", "train/pass",
+                "lr/geometry", "lr/material", "lr/light", "lr/position", "lr/texture", "val/psnr", "val/iou",
+                "hparams/psnr", "hparams/chamfer_l1"}
+    assert expected <= scalars, expected - scalars
+    assert "val/ref_render_error__kd_orm_normal" in acc.Tags()["images"]
+    passes = [e.value for e in acc.Scalars("train/pass")]
+    assert passes[0] == 1 and passes[-1] == 2
 
 
 def compose_train(*overrides: str):

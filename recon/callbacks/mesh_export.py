@@ -64,6 +64,17 @@ def _to_world(trainer: L.Trainer):
     return None if norm is None or norm.is_identity else norm.to_world
 
 
+def log_hparams_with_metrics(trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict, timing: dict) -> None:
+    """The run's hyperparameters with its final test metrics, for TensorBoard's HParams tab (runs compare there)."""
+    if trainer.logger is None:
+        return
+    geo = metrics.get("geometry", {})
+    final = {"hparams/psnr": metrics.get("psnr"), "hparams/ssim": metrics.get("ssim"), "hparams/iou": metrics.get("iou"),
+             "hparams/chamfer_l1": geo.get("chamfer_l1"), "hparams/fit_seconds": timing.get("fit_seconds")}
+    final = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}
+    trainer.logger.log_hyperparams(dict(pl_module.hparams), metrics=final)
+
+
 class MeshExport(L.Callback):
     """Writes the exports (see `write_result`) into ``out_dir`` when training ends (rank zero), and the pass-1
     result into ``out_dir/pass1/`` at the pass boundary; then evaluates the final files into ``metrics.json``.
@@ -132,3 +143,4 @@ class MeshExport(L.Callback):
             metrics = evaluate_run(self.out_dir, backend=pl_module.rasterizer.name, device=str(pl_module.device),
                                    n_samples=self.eval_samples)
             rank_zero_info("test metrics of the exported mesh:\n" + format_table(metrics))
+            log_hparams_with_metrics(trainer, pl_module, metrics, timing)
