@@ -1,6 +1,9 @@
 """Fit a textured mesh to multi-view images: `python train.py [experiment=cpu] [data.path=DIR] [key=value ...]`."""
+import sys
+
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -18,7 +21,13 @@ def main(cfg: DictConfig) -> None:
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     logger = hydra.utils.instantiate(cfg.logger)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except (torch.OutOfMemoryError, FloatingPointError):
+        reports = [c.report for c in callbacks if getattr(c, "report", None)]
+        if not reports:
+            raise
+        sys.exit(f"error: {reports[0]['message']}")  # the report, not a traceback; exit status 1
 
 
 if __name__ == "__main__":

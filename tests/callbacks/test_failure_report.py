@@ -1,0 +1,43 @@
+"""Failures a person can act on: out of memory and non-finite values stop with the fix, a checkpoint and failure.json."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["experiment=cpu", "model.pass1_steps=4", "model.pass2_steps=0", "data.resolution=32", "data.batch_size=2",
+        "data.builtin.n_train=4", "data.builtin.n_test=2", "model.geometry.tet_grid=12", "model.light.base_res=16",
+        "model.bake.texture_res=64"]
+
+
+def fit_with_fault(tmp_path: Path, kind: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RECON_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *TINY,
+           "+callbacks.fault._target_=faults.RaiseAt", "+callbacks.fault.step=2", f"+callbacks.fault.kind={kind}"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("kind", ["oom", "nan_loss", "nan_grad"])
+def test_failure_is_reported_with_checkpoint(tmp_path, kind):
+    proc = fit_with_fault(tmp_path, kind)
+    assert proc.returncode == 1
+    run = tmp_path / "run"
+    report = json.loads((run / "failure.json").read_text())
+    assert report["step"] == 2 and report["kind"] == ("out_of_memory" if kind == "oom" else "non_finite")
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "Traceback" not in proc.stderr.split("error: ")[-1]
+    if kind == "oom":
+        assert "requested 2.50 GiB" in last_line and "data.batch_size" in last_line and "tet_grid" in last_line
+    elif kind == "nan_loss":
+        assert "non-finite loss at step 2" in last_line and "alpha=" in last_line
+    else:
+        assert "non-finite gradient at step 2 in geometry.sdf" in last_line
+    ckpt = torch.load(report["checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (run / "mesh.obj").exists()  # a failed fit exports nothing that looks finished
