@@ -126,6 +126,7 @@ class OptimConfig:
     warmup_steps: int = 0
     lr_final_factor: float = 0.1          # lr multiplier reached at the end of each pass (exponential decay)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    skip_nonfinite: bool = False          # drop steps with a non-finite loss or gradient instead of stopping
 
 
 @dataclass

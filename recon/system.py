@@ -8,6 +8,8 @@ Two passes in one fit, as nvdiffrec:
 """
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,7 @@ from recon.render import make_rasterizer
 from recon.render.background import view_noise
 from recon.render.shading import render_pbr
 
+log = logging.getLogger(__name__)
 BOUND_KEYS = ("kd_min", "kd_max", "ks_min", "ks_max", "nrm_min", "nrm_max")
 
 
@@ -89,6 +92,7 @@ class ReconSystem(L.LightningModule):
         if self.pass1_steps <= 0 or self.pass2_steps < 0:
             raise ValueError(f"model.pass1_steps={pass1_steps} must be > 0 and model.pass2_steps={pass2_steps} >= 0.")
         self.bake_stats: dict = {}
+        self.skipped_steps = 0  # steps dropped by optim.skip_nonfinite
         self.pass1_result: dict | None = None  # the pass-1 export, handed to the export callback once
         self._rasterizer = None
 
@@ -203,6 +207,10 @@ class ReconSystem(L.LightningModule):
         names = [k for k in terms if k not in ("total", "composited", "reference")]
         if not torch.isfinite(loss):
             values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names)
+            if self.optim_cfg.get("skip_nonfinite", False):  # opt-in: drop this step, keep training
+                self.skipped_steps += 1
+                log.warning("skipped step %d: non-finite loss (%s)", self.global_step, values)
+                return None
             raise FloatingPointError(
                 f"non-finite loss at step {self.global_step} (pass {self.current_pass}: {values}). "
                 "Lower model.optim.lr_geometry / lr_material / lr_light."
@@ -364,6 +372,12 @@ class ReconSystem(L.LightningModule):
         finite = torch.stack([g.isfinite().all() for _, g in named]) if named else None
         if finite is not None and not bool(finite.all()):  # one host sync for all parameters
             bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+            if self.optim_cfg.get("skip_nonfinite", False):  # Adam leaves parameters without a gradient untouched
+                self.skipped_steps += 1
+                log.warning("skipped step %d: non-finite gradient in %s", self.global_step, ", ".join(bad))
+                for p in self.parameters():
+                    p.grad = None
+                return
             raise FloatingPointError(
                 f"non-finite gradient at step {self.global_step} in {', '.join(bad)}. "
                 "Lower model.optim.lr_geometry / lr_material / lr_light."

@@ -132,7 +132,8 @@ class MeshExport(L.Callback):
         mesh = result["mesh"]
         rank_zero_info(f"exported {obj} ({mesh.faces.shape[0]} triangles, {result['texture'].shape[0]}^2 textures)")
         timing = {"fit_seconds": fit_seconds, "export_seconds": export_seconds, "steps": trainer.global_step,
-                  "passes": pl_module.current_pass, **self._pass_seconds, **result["stats"],
+                  "passes": pl_module.current_pass, "skipped_steps": getattr(pl_module, "skipped_steps", 0),
+                  **self._pass_seconds, **result["stats"],
                   "exported_triangles": int(mesh.faces.shape[0])}
         if "pass1_seconds" in timing and fit_seconds is not None:
             timing["pass2_seconds"] = fit_seconds - timing["pass1_seconds"]

@@ -14,11 +14,11 @@ TINY = ["experiment=cpu", "model.pass1_steps=4", "model.pass2_steps=0", "data.re
         "model.bake.texture_res=64"]
 
 
-def fit_with_fault(tmp_path: Path, kind: str) -> subprocess.CompletedProcess:
+def fit_with_fault(tmp_path: Path, kind: str, *overrides: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, RECON_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *TINY,
-           "+callbacks.fault._target_=faults.RaiseAt", "+callbacks.fault.step=2", f"+callbacks.fault.kind={kind}"]
+           "+callbacks.fault._target_=faults.RaiseAt", "+callbacks.fault.step=2", f"+callbacks.fault.kind={kind}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -41,3 +41,14 @@ def test_failure_is_reported_with_checkpoint(tmp_path, kind):
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert not (run / "mesh.obj").exists()  # a failed fit exports nothing that looks finished
+
+
+@pytest.mark.parametrize("kind", ["nan_loss", "nan_grad"])
+def test_skip_nonfinite_keeps_training(tmp_path, kind):
+    """Opt-in: the bad steps are dropped (parameters untouched), the fit finishes and exports; timing.json counts them."""
+    proc = fit_with_fault(tmp_path, kind, "model.optim.skip_nonfinite=true", "callbacks.mesh_export.eval_samples=2000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    timing = json.loads((run / "timing.json").read_text())
+    # nan_loss keeps the loss NaN from step 2 on (steps 2 and 3 dropped); nan_grad poisons every later gradient
+    assert timing["skipped_steps"] == 2 and (run / "mesh.obj").is_file() and not (run / "failure.json").exists()
