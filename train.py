@@ -5,6 +5,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from recon.config import register_configs, write_run_config
@@ -23,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    except (torch.OutOfMemoryError, FloatingPointError):
+    except (torch.OutOfMemoryError, FloatingPointError, SIGTERMException):
         reports = [c.report for c in callbacks if getattr(c, "report", None)]
         if not reports:
             raise

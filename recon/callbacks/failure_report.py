@@ -1,7 +1,8 @@
-"""Turn a failed fit into a report a person can act on: a checkpoint of the last good state and the fix.
+"""Turn a failed or stopped fit into a report a person can act on: a checkpoint of the last good state and the fix.
 
 Out of GPU memory: the numbers (requested, free, total) and the settings that reduce memory. Non-finite loss or
 gradient (raised by ReconSystem with the step and the loss terms): the same checkpoint, so nothing is lost.
+Ctrl-C or SIGTERM (a scheduler's preemption; Lightning stops after the current step): a checkpoint to resume from.
 Both write ``failure.json`` into the run directory; ``train.py`` prints the message instead of a traceback.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from recon.export.obj import atomic_write_bytes
 
@@ -39,7 +41,7 @@ def oom_message(exception: BaseException, device: torch.device | None, step: int
 
 
 class FailureReport(L.Callback):
-    """On an out-of-memory or non-finite stop: save ``checkpoints/failed-step<N>.ckpt`` and ``failure.json``."""
+    """On an out-of-memory, non-finite or interrupted stop: save ``checkpoints/failed-step<N>.ckpt`` and ``failure.json``."""
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
@@ -47,7 +49,8 @@ class FailureReport(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         oom = isinstance(exception, torch.OutOfMemoryError)
-        if not (oom or isinstance(exception, FloatingPointError)):
+        stopped = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        if not (oom or stopped or isinstance(exception, FloatingPointError)):
             return
         if oom and torch.cuda.is_available():
             torch.cuda.empty_cache()  # room to write the checkpoint
@@ -56,9 +59,16 @@ class FailureReport(L.Callback):
             trainer.save_checkpoint(ckpt)
         except Exception:  # noqa: BLE001 - a report without checkpoint beats no report
             ckpt = None
-        message = oom_message(exception, pl_module.device, trainer.global_step, ckpt) if oom else (
-            f"{exception}{f' The last good state is in {ckpt}.' if ckpt else ''}")
-        self.report = {"kind": "out_of_memory" if oom else "non_finite", "step": trainer.global_step,
+        if oom:
+            message = oom_message(exception, pl_module.device, trainer.global_step, ckpt)
+        elif stopped:
+            how = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
+            message = f"stopped by {how} at step {trainer.global_step}." + (
+                f" Continue with ckpt_path={ckpt} (same overrides)." if ckpt else "")
+        else:
+            message = f"{exception}{f' The last good state is in {ckpt}.' if ckpt else ''}"
+        kind = "out_of_memory" if oom else "interrupted" if stopped else "non_finite"
+        self.report = {"kind": kind, "step": trainer.global_step,
                        "message": message, "checkpoint": str(ckpt) if ckpt else None}
         self._write()
 

@@ -52,3 +52,21 @@ def test_skip_nonfinite_keeps_training(tmp_path, kind):
     timing = json.loads((run / "timing.json").read_text())
     # nan_loss keeps the loss NaN from step 2 on (steps 2 and 3 dropped); nan_grad poisons every later gradient
     assert timing["skipped_steps"] == 2 and (run / "mesh.obj").is_file() and not (run / "failure.json").exists()
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    """Preemption: Lightning stops after the current step, the report names the checkpoint, and a run started with
+    ckpt_path= from it finishes the schedule and exports."""
+    proc = fit_with_fault(tmp_path, "sigterm")
+    assert proc.returncode == 1
+    report = json.loads((tmp_path / "run" / "failure.json").read_text())
+    assert report["kind"] == "interrupted" and report["step"] == 3  # step 2 finished, then the stop
+    expected = f"error: stopped by SIGTERM at step 3. Continue with ckpt_path={report['checkpoint']} (same overrides)."
+    assert proc.stderr.strip().splitlines()[-1] == expected
+    env = dict(os.environ, RECON_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *TINY,
+           f"ckpt_path={report['checkpoint']}", "callbacks.mesh_export.eval_samples=2000"]
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
+    assert timing["steps"] == 4 and (tmp_path / "run" / "mesh.obj").is_file()
