@@ -226,9 +226,12 @@ class ReconSystem(L.LightningModule):
         self.log("psnr", train_psnr, prog_bar=True, on_step=True, logger=False, batch_size=img.shape[0])
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        with torch.no_grad():  # the light is fixed while validating: prefilter it once, not per view
+            self.light.build_mips()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         img = batch["img"]
-        self.light.build_mips()
         out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]))
         bg = background("white", img.shape[:3], img.device)
         color, ref = self.composite(out, img, bg)

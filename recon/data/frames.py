@@ -13,6 +13,20 @@ class DataError(ValueError):
     """Bad input data: the message names the file or setting and the fix."""
 
 
+def read_json_object(path, expected: str) -> dict:
+    """Parse ``path`` as a JSON object; a DataError names the file, the line and column of a syntax error, or
+    ``expected`` (what the object must hold) when the file holds something else."""
+    import json
+
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix or regenerate it.") from e
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} must hold a JSON object with {expected}.")
+    return meta
+
+
 def projection_from_intrinsics(
     fx: float, fy: float, cx: float, cy: float, width: int, height: int, near: float = 0.1, far: float = 1000.0
 ) -> Tensor:

@@ -8,7 +8,6 @@ within ``mask_tolerance`` of that colour are background.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from recon.color import srgb_to_linear
-from recon.data.frames import DataError, Frames
+from recon.data.frames import DataError, Frames, read_json_object
 from recon.data.images import combine_alpha, read_image
 
 IMAGE_SUFFIXES = (".png", ".PNG", ".jpg", ".jpeg", ".JPG", ".exr")
@@ -31,12 +30,7 @@ def _read_json(path: Path) -> dict:
             "transforms_val.json and transforms_test.json next to the image folders. Point data.path at such a "
             "directory, or leave data.path unset to use the built-in scene."
         )
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix or regenerate it.") from e
-    if not isinstance(meta, dict):
-        raise DataError(f"{path} must hold a JSON object with 'camera_angle_x' and 'frames'.")
+    meta = read_json_object(path, "'camera_angle_x' and 'frames'")
     return meta
 
 

@@ -20,7 +20,6 @@ cube; recon does not apply them (the poses are read unchanged, in the capture's 
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from recon.color import srgb_to_linear
-from recon.data.frames import DataError, Frames
+from recon.data.frames import DataError, Frames, read_json_object
 from recon.data.images import combine_alpha, read_image
 
 IMAGE_SUFFIXES = (".png", ".PNG", ".jpg", ".jpeg", ".JPG", ".JPEG", ".exr")
@@ -115,11 +114,8 @@ def _json_path(root: str | Path) -> Path:
 
 
 def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix or regenerate it.") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("frames"), list) or not meta["frames"]:
+    meta = read_json_object(path, "a non-empty 'frames' list")
+    if not isinstance(meta.get("frames"), list) or not meta["frames"]:
         raise DataError(f"{path} must hold a JSON object with a non-empty 'frames' list.")
     return meta
 

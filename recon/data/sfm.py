@@ -38,6 +38,7 @@ from recon.data.colmap import find_mask, load_colmap
 from recon.data.frames import DataError, Frames
 from recon.data.images import combine_alpha, read_image
 from recon.data.nerfstudio import IMAGE_SUFFIXES, read_mask
+from recon.export.obj import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -182,19 +183,10 @@ def ensure_sfm(
     masks = _sfm_masks(files, mask_dir, background_color, mask_tolerance) if use_masks else None
     log.info("SfM of %d images in %s (%s matching, %s) ...", len(files), folder, matcher,
              "features on the object masks" if masks is not None else "whole images")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=cache))
-    try:
+    with atomic_directory(out) as tmp:
         summary = run_sfm(files, tmp / "sparse" / "0", masks, matcher, camera_model, single_camera, max_image_size)
         summary["image_dir"] = str(folder)
         (tmp / "sfm.json").write_text(json.dumps(summary, indent=2))
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     err = summary["mean_reprojection_error_px"]
     log.info("SfM registered %d of %d images, mean reprojection error %s px, %.1f s; cached in %s", summary["registered"],
              len(files), f"{err:.3f}" if err is not None else "n/a", summary["seconds"], out)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recon.color import linear_to_srgb
+from recon.export.obj import atomic_directory
 from recon.render.camera import look_at, perspective, transform_pos
 
 SCENE_VERSION = 1
@@ -285,9 +284,7 @@ def builtin_scene(
     root = cache / "scenes" / name
     if (root / "transforms_test.json").exists():
         return root
-    cache.joinpath("scenes").mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache / "scenes"))
-    try:
+    with atomic_directory(root) as tmp:
         verts_np, faces_np = scene_mesh()
         import trimesh
 
@@ -308,11 +305,4 @@ def builtin_scene(
             else:
                 images = render_views(verts, faces, torch.from_numpy(c2w), resolution, rasterizer)
             _write_split(tmp, split, images, c2w)
-        try:
-            tmp.rename(root)
-        except OSError:  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

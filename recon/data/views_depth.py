@@ -43,7 +43,6 @@ score). Default: 8 with 16 views or more, else 0 (a six-view generation cannot s
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -51,7 +50,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
-from recon.data.frames import DataError, Frames
+from recon.data.frames import DataError, Frames, read_json_object
 from recon.data.images import combine_alpha, read_image
 from recon.data.nerfstudio import IMAGE_SUFFIXES, check_same_size, to_frames
 
@@ -100,12 +99,7 @@ def read_cameras(root: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path} not found. A multi-view directory holds cameras.json (view angles or a preset) next "
                         "to views/. Point data.path at that directory.")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix it.") from e
-    if not isinstance(meta, dict):
-        raise DataError(f"{path} must hold a JSON object with 'views' or 'preset'.")
+    meta = read_json_object(path, "'views' or 'preset'")
     folder = root / "views"
     if not folder.is_dir():
         raise DataError(f"{folder} not found: the images described by {path} belong in it.")

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -37,6 +40,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Build a directory atomically: yields a hidden temporary sibling, renamed to ``path`` when the block succeeds
+    (if another process renamed its own copy there first, that one is kept), removed when the block fails. An
+    interrupted build never leaves ``path`` half-filled."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def png_bytes(image_uint8: np.ndarray) -> bytes:
