@@ -106,3 +106,27 @@ def test_write_result_rejects_incomplete(tmp_path):
 
 def test_device_label_cpu():
     assert bench.device_label(torch.device("cpu")) == "cpu"
+
+
+def test_scaling_speedup_and_table():
+    """bench/scaling.py: per-pass speed-up over the one-GPU run, efficiency, every rank's memory in the table."""
+    spec = importlib.util.spec_from_file_location("bench_scaling", ROOT / "bench" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    assert scaling.device_overrides(1) == ["trainer.devices=1"]
+    assert scaling.device_overrides(2) == ["trainer=ddp", "trainer.devices=2"]
+
+    def e2e(p1, p2, peaks, psnr):
+        return {"wall_seconds": 100.0, "peak_host_memory_bytes": 2**30, "metrics": {"psnr": psnr, "geometry": {}},
+                "timing": {"pass1_iterations_per_second": p1, "pass2_iterations_per_second": p2, "fit_seconds": 80.0,
+                           "peak_gpu_memory_bytes_per_rank": peaks}}
+
+    runs = [scaling.run_summary(1, e2e(5.0, 10.0, [20 * 2**30], 40.0)),
+            scaling.run_summary(2, e2e(9.0, 16.0, [11 * 2**30, 10 * 2**30], 40.1))]
+    scaling.speedups(runs)
+    assert runs[0]["speedup_pass1"] == 1.0 and runs[1]["speedup_pass1"] == pytest.approx(1.8)
+    assert runs[1]["speedup_pass2"] == pytest.approx(1.6) and runs[1]["efficiency_pass1"] == pytest.approx(0.9)
+    result = {"name": "x", "device": "cuda-test", "device_name": "test", "torch": "t", "git_commit": None,
+              "overrides": [], "runs": runs, "config": bench.config_summary(bench.compose_config("cpu-small"))}
+    md = scaling.scaling_markdown(result)
+    assert "| 2 | 9.00 | 16.00 | 1.80 | 1.60 |" in md and "11.00 / 10.00" in md

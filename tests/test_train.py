@@ -55,6 +55,8 @@ def test_short_fit_writes_all_outputs(tmp_path):
         assert (run / "pass1" / name).is_file(), name
     timing = json.loads((run / "timing.json").read_text())
     assert timing["passes"] == 2 and timing["steps"] == 5 and timing["pass1_seconds"] > 0
+    # steady throughput: pass 1 over steps 1..3, pass 2 over steps 4..5 (the bake at step 3 left out)
+    assert timing["pass1_iterations_per_second"] > 0 and timing["pass2_iterations_per_second"] > 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_views"] == 2 and "chamfer_l1" in metrics["geometry"] and metrics["shading"] == "pbr"
     resolved = (run / "config_resolved.yaml").read_text()

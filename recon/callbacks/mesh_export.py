@@ -16,6 +16,7 @@ from recon.export.obj import atomic_write_bytes, write_textured_obj
 from recon.geometry.mesh import Mesh
 from recon.materials.pbr import split_channels
 
+THROUGHPUT_WARMUP = 20  # steps of each pass left out of its steady-state throughput
 EXPORT_FILES = ("probe.hdr", "texture_kd.png", "texture_ks.png", "texture_n.png", "mesh.mtl", "mesh.glb", "mesh.obj")
 
 
@@ -75,6 +76,40 @@ def log_hparams_with_metrics(trainer: L.Trainer, pl_module: L.LightningModule, m
     trainer.logger.log_hyperparams(dict(pl_module.hparams), metrics=final)
 
 
+def throughput_marks(pl_module: L.LightningModule, max_steps: int) -> tuple[int, ...]:
+    """Global steps after which the steady-state throughput windows start and end: each pass's first steps
+    (plugin compilation, JIT, allocator growth; in pass 2 also the bake) are left out of its window."""
+    max_steps = int(max_steps) if max_steps and max_steps > 0 else int(getattr(pl_module, "pass1_steps", 0))
+    p1 = min(int(getattr(pl_module, "pass1_steps", max_steps)), max_steps)
+    p2 = max(max_steps - p1, 0)
+    marks = [max(1, min(THROUGHPUT_WARMUP, p1 // 10)), p1]
+    if p2 > 0:
+        marks += [p1 + max(1, min(THROUGHPUT_WARMUP, p2 // 10)), p1 + p2]
+    return tuple(marks)
+
+
+def steady_throughput(step_times: dict[int, float], pl_module: L.LightningModule, max_steps: int) -> dict:
+    """``pass1_iterations_per_second`` / ``pass2_...``: steps per second inside each pass's window (see
+    `throughput_marks`), the figure that compares runs (one GPU against several, backends, settings) without the
+    one-off costs that ``fit_seconds`` includes."""
+    marks = throughput_marks(pl_module, max_steps)
+    out = {}
+    for name, (a, b) in zip(("pass1", "pass2"), zip(marks[0::2], marks[1::2])):
+        if a in step_times and b in step_times and b > a:
+            out[f"{name}_iterations_per_second"] = (b - a) / (step_times[b] - step_times[a])
+    return out
+
+
+def peak_memory_per_rank(trainer: L.Trainer, pl_module: L.LightningModule) -> list[int] | None:
+    """Peak allocated GPU memory of every rank (gathered to all), or None off CUDA."""
+    if not (torch.cuda.is_available() and pl_module.device.type == "cuda"):
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated(pl_module.device)], device=pl_module.device)
+    if trainer.world_size > 1:
+        peak = trainer.strategy.all_gather(peak)
+    return [int(v) for v in peak.flatten().tolist()]
+
+
 class MeshExport(L.Callback):
     """Writes the exports (see `write_result`) into ``out_dir`` when training ends (rank zero), and the pass-1
     result into ``out_dir/pass1/`` at the pass boundary; then evaluates the final files into ``metrics.json``.
@@ -90,6 +125,7 @@ class MeshExport(L.Callback):
         self.eval_samples = int(eval_samples)
         self._t0: float | None = None
         self._pass_seconds: dict[str, float] = {}
+        self._step_times: dict[int, float] = {}  # global step -> time, at the ends of the throughput windows
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -105,6 +141,10 @@ class MeshExport(L.Callback):
         atomic_write_bytes(self.out_dir / RUN_INFO, json.dumps(info, indent=2).encode())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step in throughput_marks(pl_module, trainer.max_steps):
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            self._step_times[trainer.global_step] = time.perf_counter()
         result = getattr(pl_module, "pass1_result", None)
         if result is None:
             return
@@ -114,9 +154,11 @@ class MeshExport(L.Callback):
             write_result(self.out_dir / "pass1", result["mesh"], result["texture"], result["light"], _to_world(trainer))
             rank_zero_info(f"pass 1 exported to {self.out_dir / 'pass1'} ({result['mesh'].faces.shape[0]} triangles)")
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_end, not on_fit_end: the module is still on its training device here
+        peaks = peak_memory_per_rank(trainer, pl_module)  # a collective: every rank, before rank 0 goes on alone
+        if not trainer.is_global_zero:
+            return
         if trainer.interrupted:
             rank_zero_info("fit interrupted: no mesh exported.")
             return
@@ -137,8 +179,10 @@ class MeshExport(L.Callback):
                   "exported_triangles": int(mesh.faces.shape[0])}
         if "pass1_seconds" in timing and fit_seconds is not None:
             timing["pass2_seconds"] = fit_seconds - timing["pass1_seconds"]
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            timing["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(pl_module.device)
+        timing.update(steady_throughput(self._step_times, pl_module, trainer.max_steps))
+        if peaks is not None:
+            timing["peak_gpu_memory_bytes"] = max(peaks)
+            timing["peak_gpu_memory_bytes_per_rank"] = peaks
         atomic_write_bytes(self.out_dir / "timing.json", json.dumps(timing, indent=2).encode())
         if self.evaluate:
             metrics = evaluate_run(self.out_dir, backend=pl_module.rasterizer.name, device=str(pl_module.device),
