@@ -11,6 +11,7 @@ Everything here is plain torch, differentiable w.r.t. the cube, on whatever devi
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +62,21 @@ def dir_to_cube(dirs: Tensor) -> tuple[Tensor, Tensor]:
     return face, uv
 
 
+def cube_taps(res: int, face: Tensor, uv: Tensor) -> tuple[Tensor, Tensor]:
+    """The four bilinear taps of a res^2 cube at (face, uv) from `dir_to_cube`: flat texel indices [...,4] into the
+    cube reshaped to [6*R*R, C], and their weights [...,4] (summing to one)."""
+    p = (uv * res - 0.5).clamp(0, res - 1)
+    p0 = p.floor().long().clamp(max=max(res - 2, 0))
+    f = p - p0
+    p1 = (p0 + 1).clamp(max=res - 1)
+    base = face * (res * res)
+    fx, fy = f[..., 0], f[..., 1]
+    x0, y0, x1, y1 = p0[..., 0], p0[..., 1], p1[..., 0], p1[..., 1]
+    idx = torch.stack((y0 * res + x0, y0 * res + x1, y1 * res + x0, y1 * res + x1), dim=-1) + base[..., None]
+    w = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), dim=-1)
+    return idx, w
+
+
 def sample_cube(cube: Tensor, dirs: Tensor, coords: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Bilinear lookup of cube [6,R,R,C] along dirs [...,3] -> [...,C]; differentiable w.r.t. cube.
 
@@ -70,17 +86,38 @@ def sample_cube(cube: Tensor, dirs: Tensor, coords: tuple[Tensor, Tensor] | None
     """
     res, ch = cube.shape[1], cube.shape[-1]
     face, uv = dir_to_cube(dirs.detach()) if coords is None else coords  # coords: dir_to_cube(dirs), reused
-    p = (uv * res - 0.5).clamp(0, res - 1)
-    p0 = p.floor().long().clamp(max=max(res - 2, 0))
-    f = (p - p0).to(cube.dtype)
-    p1 = (p0 + 1).clamp(max=res - 1)
-    flat = cube.reshape(-1, ch)
-    base = face * (res * res)
-    fx, fy = f[..., 0], f[..., 1]
-    x0, y0, x1, y1 = p0[..., 0], p0[..., 1], p1[..., 0], p1[..., 1]
-    idx = torch.stack((y0 * res + x0, y0 * res + x1, y1 * res + x0, y1 * res + x1), dim=-1) + base[..., None]
-    w = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), dim=-1)
-    return (flat[idx] * w[..., None]).sum(-2)  # one gather of the 4 taps: [...,4,C]
+    idx, w = cube_taps(res, face, uv)
+    return (cube.reshape(-1, ch)[idx] * w.to(cube.dtype)[..., None]).sum(-2)  # one gather of the 4 taps: [...,4,C]
+
+
+class _OperatorCache:
+    """Holds a derived sparse operator and the key it was built for; copies and pickles start empty (sparse CSR
+    tensors neither deep-copy nor need to travel: they are rebuilt on first use)."""
+
+    def __init__(self) -> None:
+        self.key, self.value = None, None
+
+    def __deepcopy__(self, memo) -> "_OperatorCache":
+        return _OperatorCache()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+class _SparseLinear(torch.autograd.Function):
+    """y = A x for a constant sparse CSR matrix A, with A^T precomputed for the backward pass (no transpose per step)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, a_t: Tensor) -> Tensor:  # noqa: D102
+        ctx.a_t = a_t
+        return a @ x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        return ctx.a_t @ grad.contiguous(), None, None
 
 
 def cube_texel_solid_angle(res: int, device: torch.device | str | None = None) -> Tensor:
@@ -180,6 +217,7 @@ class EnvironmentLight(nn.Module):
         self.register_buffer("lut", ggx_lut(lut_resolution, lut_samples).clone(), persistent=False)
         self.specular: list[Tensor] | None = None
         self.diffuse: Tensor | None = None
+        self._operator = _OperatorCache()  # the prefilter as a sparse matrix, see `_prefilter_operator`
 
     @property
     def num_levels(self) -> int:
@@ -205,17 +243,19 @@ class EnvironmentLight(nn.Module):
         hi = (roughness.clamp(self.max_roughness, 1.0) - self.max_roughness) / (1.0 - self.max_roughness) + n - 2
         return torch.where(roughness < self.max_roughness, lo, hi).clamp(0, n - 1)
 
-    def _prefilter(self, pooled: list[Tensor], level: int, roughness: float) -> Tensor:
-        """GGX-convolve level `level` (N = V = R per texel), sampling the pooled chain by each sample's pdf.
+    def _prefilter_taps(self, chain_res: list[int], offsets: list[int], level: int, roughness: float,
+                        device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """GGX convolution of level `level` (N = V = R per texel) as sparse weights on the pooled chain.
 
         Karis' filtered importance sampling: a sample of pdf p covers 1/(S p) sr; it is read from the pooled
         level whose texels have about that solid angle, so few fixed samples give a smooth, unbiased-ish blur.
+        Returns (rows, cols, weights): output texel of the level, texel of the concatenated chain (`offsets`
+        give where each level starts), weight; the rows of one texel sum to one.
         """
-        res = pooled[level].shape[1]
-        dev = pooled[level].device
+        res = chain_res[level]
         n_samples = int(max(self.prefilter_samples, min(1024, 2**17 // (6 * res * res))))
-        h = importance_sample_ggx(hammersley(n_samples, dev), roughness)  # [S,3] tangent space
-        l_t = 2 * h[:, 2:3] * h - torch.tensor([0.0, 0.0, 1.0], device=dev)  # reflect N about H, V = N
+        h = importance_sample_ggx(hammersley(n_samples, device), roughness)  # [S,3] tangent space
+        l_t = 2 * h[:, 2:3] * h - torch.tensor([0.0, 0.0, 1.0], device=device)  # reflect N about H, V = N
         n_dot_l = l_t[:, 2]
         keep = n_dot_l > 1e-4
         h, l_t, n_dot_l = h[keep], l_t[keep], n_dot_l[keep]
@@ -223,22 +263,57 @@ class EnvironmentLight(nn.Module):
         omega_s = 1 / (n_samples * pdf)
         omega_p = 4 * math.pi / (6 * res * res)
         lod = (0.5 * torch.log2(omega_s / omega_p) + 1).clamp_min(0).round().long()
-        src_level = (level + lod).clamp(max=len(pooled) - 1)
+        src_level = (level + lod).clamp(max=len(chain_res) - 1)
+        weight = n_dot_l / n_dot_l.sum()
 
-        n = cube_to_dir(res, dev).reshape(-1, 3)
+        n = cube_to_dir(res, device).reshape(-1, 3)
         t, b = _tangent_frame(n)
-        out = torch.zeros(n.shape[0], pooled[0].shape[-1], device=dev, dtype=pooled[0].dtype)
-        chunk = max(1, 2**21 // max(1, h.shape[0]))
-        for src in src_level.unique().tolist():
-            sel = src_level == src
-            lt, w = l_t[sel], n_dot_l[sel]
-            parts = []
-            for k in range(0, n.shape[0], chunk):
-                tk, bk, nk = t[k : k + chunk, None], b[k : k + chunk, None], n[k : k + chunk, None]
-                dirs = tk * lt[None, :, 0:1] + bk * lt[None, :, 1:2] + nk * lt[None, :, 2:3]
-                parts.append((sample_cube(pooled[src], dirs) * w[None, :, None]).sum(1))
-            out = out + torch.cat(parts)
-        return (out / n_dot_l.sum()).reshape(6, res, res, -1)
+        rows, cols, vals = [], [], []
+        chunk = max(1, 2**22 // max(1, h.shape[0]))
+        for k in range(0, n.shape[0], chunk):
+            tk, bk, nk = t[k : k + chunk, None], b[k : k + chunk, None], n[k : k + chunk, None]
+            dirs = tk * l_t[None, :, 0:1] + bk * l_t[None, :, 1:2] + nk * l_t[None, :, 2:3]  # [n,S,3]
+            face, uv = dir_to_cube(dirs)
+            idx = torch.empty(*dirs.shape[:2], 4, dtype=torch.long, device=device)
+            w = torch.empty(*dirs.shape[:2], 4, device=device)
+            for src in src_level.unique().tolist():
+                sel = src_level == src
+                i, wi = cube_taps(chain_res[src], face[:, sel], uv[:, sel])
+                idx[:, sel], w[:, sel] = i + offsets[src], wi
+            rows.append(torch.arange(k, k + dirs.shape[0], device=device)[:, None, None].expand_as(idx).reshape(-1))
+            cols.append(idx.reshape(-1))
+            vals.append((w * weight[None, :, None]).reshape(-1))
+        return torch.cat(rows), torch.cat(cols), torch.cat(vals)
+
+    def _prefilter_operator(self, chain_res: list[int], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The prefiltering of levels 1..L-1 as one sparse matrix on the concatenated pooled chain, and its transpose.
+
+        Prefiltering is linear in the light and its samples are fixed, so the matrix is built once per resolution
+        and device (a few seconds at 512^2 on a CPU, well under one on a GPU) and every `build_mips` is one sparse
+        product, forward and backward, instead of millions of direction computations per step.
+        """
+        key = (tuple(chain_res), device, dtype)
+        if self._operator.key == key:
+            return self._operator.value
+        sizes = [6 * r * r for r in chain_res]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        rows, cols, vals, row0 = [], [], [], 0
+        with torch.no_grad():
+            for lv in range(1, len(chain_res)):
+                r, c, v = self._prefilter_taps(chain_res, offsets, lv, self.level_roughness(lv), device)
+                rows.append(r + row0)
+                cols.append(c)
+                vals.append(v)
+                row0 += sizes[lv]
+            shape = (row0, sum(sizes))
+            coo = torch.sparse_coo_tensor(torch.stack((torch.cat(rows), torch.cat(cols))), torch.cat(vals).to(dtype),
+                                          shape, check_invariants=False).coalesce()  # duplicate taps summed
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                a = coo.to_sparse_csr()
+                a_t = coo.t().coalesce().to_sparse_csr()
+        self._operator.key, self._operator.value = key, (a, a_t)
+        return a, a_t
 
     def _irradiance(self, cube: Tensor) -> Tensor:
         """Cosine-weighted convolution (normalised so a constant map stays constant) at the cube's resolution."""
@@ -246,15 +321,20 @@ class EnvironmentLight(nn.Module):
         dirs = cube_to_dir(res, cube.device).reshape(-1, 3)
         w = (dirs @ dirs.T).clamp_min(0) * cube_texel_solid_angle(res, cube.device).repeat(6, 1, 1).reshape(1, -1)
         w = w / w.sum(-1, keepdim=True)  # the quadrature of int cos dw = pi, exact for constant light
-        return (w @ cube.reshape(-1, cube.shape[-1])).reshape(cube.shape)
+        return (w.to(cube.dtype) @ cube.reshape(-1, cube.shape[-1])).reshape(cube.shape)
 
     def build_mips(self) -> None:
         """Rebuild the specular mip chain and diffuse irradiance cube from `base` (differentiably)."""
         pooled = [self.base]
         while pooled[-1].shape[1] > self.min_res:
             pooled.append(avg_pool_cube(pooled[-1]))
-        self.specular = [self.base] + [self._prefilter(pooled, lv, self.level_roughness(lv))
-                                       for lv in range(1, len(pooled))]
+        self.specular = [self.base]
+        if len(pooled) > 1:
+            ch = self.base.shape[-1]
+            a, a_t = self._prefilter_operator([p.shape[1] for p in pooled], self.base.device, self.base.dtype)
+            out = _SparseLinear.apply(torch.cat([p.reshape(-1, ch) for p in pooled]), a, a_t)
+            sizes = [6 * p.shape[1] ** 2 for p in pooled[1:]]
+            self.specular += [o.reshape(p.shape) for o, p in zip(out.split(sizes), pooled[1:])]
         diff_src = pooled[-1]
         while diff_src.shape[1] > self.diffuse_res:
             diff_src = avg_pool_cube(diff_src)
