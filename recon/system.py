@@ -18,6 +18,7 @@ from torch import Tensor
 from recon.color import linear_to_srgb, tonemap_srgb
 from recon.data.depth import depth_loss
 from recon.data.sampler import run_seed
+from recon.gather import masked_rows
 from recon.export.cleanup import cull_invisible
 from recon.export.uv_bake import bake_pbr_textures, simplify, unwrap
 from recon.geometry.dmtet import DMTetGeometry
@@ -136,7 +137,7 @@ class ReconSystem(L.LightningModule):
             self.light.build_mips()
         if self.surface is None:
             def material(gb, mask):
-                return self.material(gb["gb_pos"][mask], smoothness=smoothness)
+                return self.material(masked_rows(gb["gb_pos"], gb["covered_index"], mask.dim()), smoothness=smoothness)
         else:
             def material(gb, mask):
                 return self.textures(self.rasterizer, gb["gb_uv"], gb["gb_uv_da"])
@@ -303,8 +304,13 @@ class ReconSystem(L.LightningModule):
         self.pass1_result = {"mesh": mesh, "texture": tex, "light": self.light.to_latlong(self.light.base.shape[1]),
                              "stats": dict(self.bake_stats)}
 
+    @property
+    def pass_switch_due(self) -> bool:
+        """True before the first pass-2 step: the next ``on_train_batch_start`` bakes the pass-1 result."""
+        return self.surface is None and self.pass2_steps > 0 and self.global_step >= self.pass1_steps
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        if self.surface is None and self.pass2_steps > 0 and self.global_step >= self.pass1_steps:
+        if self.pass_switch_due:
             self.begin_pass2()
             self._rewrap_ddp()
             self.trainer.strategy.setup_optimizers(self.trainer)  # pass-2 parameters, fresh schedule

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recon.gather import take_rows
 from recon.geometry.mesh import Mesh, vertex_normals
 from recon.geometry.tet_grid import TET_EDGE_CORNERS, make_tet_grid, tet_grid_edges
 
@@ -99,7 +100,7 @@ def marching_tets(verts: Tensor, sdf: Tensor, tets: Tensor) -> tuple[Tensor, Ten
     """
     edges, faces = marching_tets_topology(sdf.detach() < 0, tets)
     a, b = edges[:, 0], edges[:, 1]
-    return interpolate_crossings(verts[a], verts[b], sdf[a], sdf[b]), faces
+    return interpolate_crossings(take_rows(verts, a), take_rows(verts, b), take_rows(sdf, a), take_rows(sdf, b)), faces
 
 
 def sdf_sign_loss(sdf: Tensor, edges: Tensor) -> Tensor:
@@ -113,7 +114,7 @@ def sdf_sign_loss(sdf: Tensor, edges: Tensor) -> Tensor:
     inside = sdf.detach() < 0
     # Select the (few) sign-changing edges without autograd, then gather with gradients only there.
     edges = edges[:, inside[edges[0]] != inside[edges[1]]]
-    sdf_a, sdf_b = sdf[edges[0]], sdf[edges[1]]
+    sdf_a, sdf_b = take_rows(sdf, edges[0]), take_rows(sdf, edges[1])
     if sdf_a.numel() == 0:
         return sdf_a.sum()
     # Symmetric under sdf -> -sdf, so nvdiffrec's (sdf > 0) targets apply unchanged to our sign.

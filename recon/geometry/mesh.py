@@ -9,6 +9,8 @@ import torch
 import trimesh
 from torch import Tensor
 
+from recon.gather import take_rows
+
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(dim=-1, keepdim=True)
@@ -21,7 +23,7 @@ def safe_normalize(x: Tensor, eps: float = 1e-20) -> Tensor:
 
 def face_normals(verts: Tensor, faces: Tensor) -> Tensor:
     """Unnormalized face normals `[Nf,3]`: (v1 - v0) x (v2 - v0), length twice the face area."""
-    v0, v1, v2 = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    v0, v1, v2 = (take_rows(verts, faces[:, i]) for i in range(3))
     return torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)
 
 
@@ -50,7 +52,7 @@ def compute_tangents(verts: Tensor, faces: Tensor, uv: Tensor, uv_faces: Tensor 
     normals: [Nv,3] unit vertex normals.
     """
     uv_faces = faces if uv_faces is None else uv_faces
-    p0, p1, p2 = (verts[faces[:, i]] for i in range(3))
+    p0, p1, p2 = (take_rows(verts, faces[:, i]) for i in range(3))
     t0, t1, t2 = (uv[uv_faces[:, i]] for i in range(3))
     uve1, uve2 = t1 - t0, t2 - t0
     pe1, pe2 = p1 - p0, p2 - p0
@@ -78,7 +80,7 @@ def tangent_handedness(
     ones. A tangent-space normal (x, y, z) means ``x * tangent + y * w * cross(normal, tangent) + z * normal``.
     """
     uv_faces = faces if uv_faces is None else uv_faces
-    p0, p1, p2 = (verts[faces[:, i]] for i in range(3))
+    p0, p1, p2 = (take_rows(verts, faces[:, i]) for i in range(3))
     t0, t1, t2 = (uv[uv_faces[:, i]] for i in range(3))
     du1, dv1 = (t1 - t0).unbind(-1)
     du2, dv2 = (t2 - t0).unbind(-1)

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from recon.gather import take_rows
 from recon.light.bsdf import ggx_lut, ggx_ndf, hammersley, importance_sample_ggx, lookup_lut
 
 # Row f: the (x, y, z) direction of face f is sum_k M[f,k] * (a, b, 1)[k].
@@ -87,7 +88,7 @@ def sample_cube(cube: Tensor, dirs: Tensor, coords: tuple[Tensor, Tensor] | None
     res, ch = cube.shape[1], cube.shape[-1]
     face, uv = dir_to_cube(dirs.detach()) if coords is None else coords  # coords: dir_to_cube(dirs), reused
     idx, w = cube_taps(res, face, uv)
-    return (cube.reshape(-1, ch)[idx] * w.to(cube.dtype)[..., None]).sum(-2)  # one gather of the 4 taps: [...,4,C]
+    return (take_rows(cube.reshape(-1, ch), idx) * w.to(cube.dtype)[..., None]).sum(-2)  # the 4 taps: [...,4,C]
 
 
 class _OperatorCache:

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from recon.gather import mask_index, masked_rows, take_rows
 from recon.geometry.mesh import Mesh
 from recon.render.camera import transform_pos
 
@@ -31,7 +32,7 @@ def shade_covered(mask: Tensor, points: Tensor, fn: Callable[[Tensor], Tensor]) 
 
     mask [B,H,W] bool; points [B,H,W,D]; fn maps [N,D] -> [N,C]. Returns [B,H,W,C], zero where uncovered.
     """
-    values = fn(points[mask])
+    values = fn(masked_rows(points, mask_index(mask), mask.dim()))
     out = values.new_zeros(*mask.shape, values.shape[-1])
     return out.index_put((mask,), values)
 
@@ -149,7 +150,8 @@ def render_pbr(
 
     mesh: needs ``normals``; with ``tangents`` (and ``uv``) the normal perturbation uses the UV tangent frame,
     else `reference_tangent`. mvp: [B,4,4]; cam_pos: [B,3] world space. material(gb, mask) returns ``kd``,
-    ``ks``, ``nrm`` (and optionally ``kd_grad`` [N,1]) for the N covered pixels, each [N,3], or as images
+    ``ks``, ``nrm`` (and optionally ``kd_grad`` [N,1]) for the N covered pixels, each [N,3] (in the order of
+    ``gb["covered_index"]``, `recon.gather.mask_index` of the mask, which equals ``x[mask]``), or as images
     [B,H,W,C] (a texture lookup). Returns the G-buffers plus ``rgb`` [B,H,W,3] linear HDR premultiplied by
     coverage, ``alpha`` [B,H,W,1], the material images ``kd``/``ks``/``normal`` [B,H,W,3] (zero where
     uncovered), ``kd_grad`` [B,H,W,1] when the material gives it and, with ``depth``, ``depth`` [B,H,W,1]
@@ -162,23 +164,28 @@ def render_pbr(
     mask = gb["mask"]
     n_pix = mask.shape
     smooth, _ = rasterizer.interpolate(mesh.normals, gb["rast"], mesh.faces)
-    pos = gb["gb_pos"][mask]
-    n_smooth = _normalize(smooth[mask])
-    tri = gb["rast"][..., 3][mask].long() - 1
-    n_geom = _normalize(face_normals(mesh.verts, mesh.faces))[tri]
+    sel = gb["covered_index"] = mask_index(mask)  # covered pixels, gathered with index_select (recon.gather)
+
+    def covered(t: Tensor) -> Tensor:
+        return masked_rows(t, sel, mask.dim())
+
+    pos = covered(gb["gb_pos"])
+    n_smooth = _normalize(covered(smooth))
+    tri = covered(gb["rast"][..., 3]).long() - 1
+    n_geom = take_rows(_normalize(face_normals(mesh.verts, mesh.faces)), tri)
     if mesh.tangents is not None:
         frame = mesh.tangents if mesh.handedness is None else torch.cat([mesh.tangents, mesh.handedness], -1)
         frame, _ = rasterizer.interpolate(frame, gb["rast"], mesh.faces)
-        frame = frame[mask]
+        frame = covered(frame)
         tangent = frame[..., :3]
         hand = torch.where(frame[..., 3:4] < 0, -1.0, 1.0) if frame.shape[-1] == 4 else 1.0
     else:
         tangent, hand = reference_tangent(n_smooth), 1.0
-    view_pos = cam_pos[:, None, None, :].expand(*n_pix, 3)[mask]
+    view_pos = take_rows(cam_pos, sel // (n_pix[1] * n_pix[2]))
     if mark is not None:
         mark()
     mat = material(gb, mask)
-    mat = {k: (v[mask] if v.dim() == 4 else v) for k, v in mat.items()}
+    mat = {k: (covered(v) if v.dim() == 4 else v) for k, v in mat.items()}
     if mark is not None:
         mark()
     n_shade = perturb_normal(mat["nrm"], n_smooth, tangent, hand) if perturb else n_smooth
