@@ -108,6 +108,16 @@ class _OperatorCache:
         self.__init__()
 
 
+def _csr(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix from (row, column) entries already sorted by row then column, without repeats (no sort here);
+    32-bit indices (half the memory of torch's default 64-bit ones), which cuSPARSE and the CPU kernels take."""
+    counts = torch.bincount(rows, minlength=shape[0])
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow.to(torch.int32), cols.to(torch.int32), vals, shape, check_invariants=False)
+
+
 class _SparseLinear(torch.autograd.Function):
     """y = A x for a constant sparse CSR matrix A, with A^T precomputed for the backward pass (no transpose per step)."""
 
@@ -251,7 +261,7 @@ class EnvironmentLight(nn.Module):
         Karis' filtered importance sampling: a sample of pdf p covers 1/(S p) sr; it is read from the pooled
         level whose texels have about that solid angle, so few fixed samples give a smooth, unbiased-ish blur.
         Returns (rows, cols, weights): output texel of the level, texel of the concatenated chain (`offsets`
-        give where each level starts), weight; the rows of one texel sum to one.
+        give where each level starts), weight; sorted by (row, column) without repeats; a row's weights sum to one.
         """
         res = chain_res[level]
         n_samples = int(max(self.prefilter_samples, min(1024, 2**17 // (6 * res * res))))
@@ -270,7 +280,8 @@ class EnvironmentLight(nn.Module):
         n = cube_to_dir(res, device).reshape(-1, 3)
         t, b = _tangent_frame(n)
         rows, cols, vals = [], [], []
-        chunk = max(1, 2**22 // max(1, h.shape[0]))
+        n_cols = sum(6 * r * r for r in chain_res)
+        chunk = max(1, 2**19 // max(1, h.shape[0]))  # ~2M taps at a time: small transients even at 512^2
         for k in range(0, n.shape[0], chunk):
             tk, bk, nk = t[k : k + chunk, None], b[k : k + chunk, None], n[k : k + chunk, None]
             dirs = tk * l_t[None, :, 0:1] + bk * l_t[None, :, 1:2] + nk * l_t[None, :, 2:3]  # [n,S,3]
@@ -281,9 +292,12 @@ class EnvironmentLight(nn.Module):
                 sel = src_level == src
                 i, wi = cube_taps(chain_res[src], face[:, sel], uv[:, sel])
                 idx[:, sel], w[:, sel] = i + offsets[src], wi
-            rows.append(torch.arange(k, k + dirs.shape[0], device=device)[:, None, None].expand_as(idx).reshape(-1))
-            cols.append(idx.reshape(-1))
-            vals.append((w * weight[None, :, None]).reshape(-1))
+            # merge taps that hit the same texel (most, at low roughness): sorted by (row, column), unique
+            key = (torch.arange(k, k + dirs.shape[0], device=device)[:, None, None] * n_cols + idx).reshape(-1)
+            key, inverse = torch.unique(key, return_inverse=True)
+            rows.append((key // n_cols).int())  # 32-bit: < 2^31 texels in any chain recon builds
+            cols.append((key % n_cols).int())
+            vals.append(torch.zeros(key.shape[0], device=device).index_add_(0, inverse, (w * weight[None, :, None]).reshape(-1)))
         return torch.cat(rows), torch.cat(cols), torch.cat(vals)
 
     def _prefilter_operator(self, chain_res: list[int], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -307,12 +321,10 @@ class EnvironmentLight(nn.Module):
                 vals.append(v)
                 row0 += sizes[lv]
             shape = (row0, sum(sizes))
-            coo = torch.sparse_coo_tensor(torch.stack((torch.cat(rows), torch.cat(cols))), torch.cat(vals).to(dtype),
-                                          shape, check_invariants=False).coalesce()  # duplicate taps summed
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                a = coo.to_sparse_csr()
-                a_t = coo.t().coalesce().to_sparse_csr()
+            rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals).to(dtype)
+            a = _csr(rows, cols, vals, shape)
+            order = torch.argsort(cols.long() * shape[0] + rows)  # the transpose, sorted by (column, row)
+            a_t = _csr(cols[order], rows[order], vals[order], shape[::-1])
         self._operator.key, self._operator.value = key, (a, a_t)
         return a, a_t
 
