@@ -156,6 +156,7 @@ class TrainConfig:
     name: str = "recon"
     seed: int = 0
     ckpt_path: Optional[str] = None
+    check_resources: bool = True          # refuse a fit whose estimated peak memory exceeds the free memory (recon.resources)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: Dict[str, Any] = field(default_factory=dict)

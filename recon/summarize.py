@@ -1,4 +1,4 @@
-"""One table of a Hydra sweep: ``python -m recon.summarize MULTIRUN_DIR [--csv PATH]``.
+"""One table of a Hydra sweep: ``python -m recon.summarize MULTIRUN_DIR [--csv PATH] [--json]``.
 
 Finds every job under MULTIRUN_DIR (a directory holding ``.hydra/config.yaml``), and prints one row per job:
 the config keys whose values differ between the jobs (the swept overrides first, then any other key of the
@@ -14,6 +14,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -158,15 +159,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m recon.summarize", description=__doc__.split("\n")[0])
     p.add_argument("multirun_dir", help="a sweep directory: multirun/<name>/<date> (hydra.sweep.dir)")
     p.add_argument("--csv", default=None, help="CSV output (default: MULTIRUN_DIR/summary.csv)")
+    p.add_argument("--json", action="store_true", help="print {columns, rows} as JSON instead of the table")
     a = p.parse_args(argv)
     try:
         columns, rows = summarize(a.multirun_dir)
     except (NoJobsError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(columns, rows))
     out = Path(a.csv) if a.csv else Path(a.multirun_dir) / "summary.csv"
     atomic_write_bytes(out, to_csv(columns, rows).encode())
+    if a.json:
+        finite = [{k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+        print(json.dumps({"columns": columns, "rows": finite, "csv": str(out)}, indent=2))  # inf as "inf", as metrics.json
+        return 0
+    print(format_table(columns, rows))
     print(f"\n{len(rows)} jobs; table written to {out}")
     return 0
 

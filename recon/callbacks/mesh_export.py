@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -116,6 +117,7 @@ class MeshExport(L.Callback):
 
     save_extracted: also write the full-resolution surface before clean-up as ``mesh_extracted.ply``.
     evaluate: run recon.eval on the export, with ``eval_samples`` surface samples for the geometry metrics.
+    ``listeners`` are called with "export" and "evaluate" as each of those stages begins (progress reports).
     """
 
     def __init__(self, out_dir: str, save_extracted: bool = False, evaluate: bool = True, eval_samples: int = 100_000):
@@ -126,6 +128,11 @@ class MeshExport(L.Callback):
         self._t0: float | None = None
         self._pass_seconds: dict[str, float] = {}
         self._step_times: dict[int, float] = {}  # global step -> time, at the ends of the throughput windows
+        self.listeners: list[Callable[[str], None]] = []
+
+    def _begin(self, stage: str) -> None:
+        for listener in self.listeners:
+            listener(stage)
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -162,6 +169,7 @@ class MeshExport(L.Callback):
         if trainer.interrupted:
             rank_zero_info("fit interrupted: no mesh exported.")
             return
+        self._begin("export")
         fit_seconds = time.perf_counter() - self._t0 if self._t0 else None
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -185,6 +193,7 @@ class MeshExport(L.Callback):
             timing["peak_gpu_memory_bytes_per_rank"] = peaks
         atomic_write_bytes(self.out_dir / "timing.json", json.dumps(timing, indent=2).encode())
         if self.evaluate:
+            self._begin("evaluate")
             metrics = evaluate_run(self.out_dir, backend=pl_module.rasterizer.name, device=str(pl_module.device),
                                    n_samples=self.eval_samples)
             rank_zero_info("test metrics of the exported mesh:\n" + format_table(metrics))
