@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -126,10 +127,11 @@ class ReconSystem(L.LightningModule):
         return mesh
 
     def render(self, mvp: Tensor, cam_pos: Tensor, resolution: tuple[int, int], smoothness: bool = False,
-               depth: bool = False, mark=None) -> dict:
+               depth: bool = False, mark=None, generator: torch.Generator | None = None) -> dict:
         """Render the current model from cameras mvp [B,4,4] at cam_pos [B,3] (see render_pbr's outputs, plus ``mesh``).
 
-        mark: called after the mesh is built and after each rendering stage (for profilers)."""
+        mark: called after the mesh is built and after each rendering stage (for profilers). generator: draws the
+        albedo-smoothness jitter (`step_generator` in training, so a resumed run repeats it)."""
         mesh = self.mesh()
         if mark is not None:
             mark()
@@ -137,7 +139,8 @@ class ReconSystem(L.LightningModule):
             self.light.build_mips()
         if self.surface is None:
             def material(gb, mask):
-                return self.material(masked_rows(gb["gb_pos"], gb["covered_index"], mask.dim()), smoothness=smoothness)
+                return self.material(masked_rows(gb["gb_pos"], gb["covered_index"], mask.dim()), smoothness=smoothness,
+                                     generator=generator)
         else:
             def material(gb, mask):
                 return self.textures(self.rasterizer, gb["gb_uv"], gb["gb_uv_da"])
@@ -194,12 +197,20 @@ class ReconSystem(L.LightningModule):
         terms["total"] = sum(weights[k] * terms[k] for k in weights)
         return {**terms, "composited": color, "reference": ref}
 
+    def step_generator(self) -> torch.Generator:
+        """A generator for this step's random draws, seeded from (seed, step, rank) alone: a run resumed from a
+        checkpoint draws what the uninterrupted run drew (torch's global generator is not in checkpoints)."""
+        g = torch.Generator(device=self.device)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        g.manual_seed(int(np.random.SeedSequence([run_seed(), int(self.global_step), int(rank)]).generate_state(1, np.uint64)[0]))
+        return g
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         img = batch["img"]
         self.light.build_mips()  # the light's prefiltered levels follow its base every step (differentiably)
         want_depth = "depth" in batch and self.loss_cfg.get("depth_weight", 0.0) > 0
         out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=self.surface is None,
-                          depth=want_depth)
+                          depth=want_depth, generator=self.step_generator())
         kind = self.loss_cfg.get("background", "random")  # random: per-view noise, the same on any number of ranks
         bg = (view_noise(batch["index"], self.global_step, *img.shape[1:3], seed=run_seed(), device=img.device)
               if kind == "random" else background(kind, img.shape[:3], img.device))

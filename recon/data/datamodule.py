@@ -167,7 +167,11 @@ class NeRFDataModule(L.LightningDataModule):
         dataset = _SplitIndices(split, n) if self.resident else FrameDataset(self.load_split(split))
         if shuffle:  # training: this rank's slice of one global batch per step, the same for any number of ranks
             world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-            batches = {"batch_sampler": GlobalBatchSampler(SharedPermutation(n, run_seed()), batch_size, rank, world)}
+            sampler = GlobalBatchSampler(SharedPermutation(n, run_seed()), batch_size, rank, world)
+            step = getattr(self.trainer, "global_step", 0) if self.trainer is not None else 0
+            if step > 0:  # resumed from a checkpoint (Lightning restores the step before asking for loaders)
+                sampler.resume_at(step)
+            batches = {"batch_sampler": sampler}
         else:  # validation: every rank evaluates every view
             batches = {"batch_size": batch_size}
         if self.resident:  # batches of indices; on_after_batch_transfer gathers the frames on the device

@@ -68,6 +68,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
             )
         self.sampler, self.rank, self.world_size = sampler, int(rank), int(world_size)
         self.global_batch = min(int(global_batch), n)  # fewer views than a batch: one batch of all of them
+        self._skip = 0
+
+    def resume_at(self, step: int) -> None:
+        """Continue a run at global ``step``: the next pass over the epoch starts at the batch that step would have
+        drawn (every epoch is ``len(self)`` steps, so the epoch in progress is ``step // len(self)``, as Lightning's
+        restored epoch counter says), not at the epoch's first batch. A resumed run so draws the views the
+        uninterrupted run drew."""
+        self._skip = int(step) % len(self) if len(self) else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -77,6 +85,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order, per_rank = list(self.sampler), self.global_batch // self.world_size
-        for step in range(len(self)):
+        skip, self._skip = self._skip, 0
+        for step in range(skip, len(self)):
             start = step * self.global_batch + self.rank * per_rank
             yield order[start:start + per_rank]

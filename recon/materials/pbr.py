@@ -70,11 +70,13 @@ class NeuralPBRMaterial(nn.Module):
     def bounds(self) -> Tensor:
         return self.field.min_max
 
-    def forward(self, points: Tensor, smoothness: bool = False) -> dict[str, Tensor]:
+    def forward(self, points: Tensor, smoothness: bool = False, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Material at world points [N,3]: ``kd``, ``ks``, ``nrm`` [N,3]; with ``smoothness`` also ``kd_grad`` [N,1],
-        the mean absolute albedo change over a random offset of ``smoothness_jitter`` (nvdiffrec's kd regulariser)."""
+        the mean absolute albedo change over a random offset of ``smoothness_jitter`` (nvdiffrec's kd regulariser),
+        drawn from ``generator`` (on the points' device; None: torch's global generator)."""
         if smoothness:
-            jittered = points + torch.randn_like(points) * self.smoothness_jitter
+            offset = torch.randn(points.shape, generator=generator, device=points.device, dtype=points.dtype)
+            jittered = points + offset * self.smoothness_jitter
             both = self.field.sample(torch.cat([points, jittered]))  # one network pass for both
             values, values_j = both[: points.shape[0]], both[points.shape[0]:]
             out = split_channels(values)

@@ -9,7 +9,8 @@ import torch
 class RaiseAt(L.Callback):
     """At ``step``: ``oom`` raises CUDA's out-of-memory error; ``nan_loss`` makes the alpha weight NaN (the loss
     becomes NaN, parameters stay good); ``nan_grad`` makes the SDF's gradient NaN; ``sigterm`` sends the process
-    SIGTERM, as a scheduler preempting the job would."""
+    SIGTERM, as a scheduler preempting the job would; ``sigkill`` kills it outright (a crash, the OOM killer, a
+    lost node): nothing runs after it."""
 
     def __init__(self, step: int, kind: str):
         self.step, self.kind = int(step), kind
@@ -23,5 +24,7 @@ class RaiseAt(L.Callback):
             pl_module.loss_cfg["alpha_weight"] = float("nan")
         if self.kind == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.kind == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.kind == "nan_grad":
             pl_module.geometry.sdf.register_hook(lambda g: torch.full_like(g, float("nan")))

@@ -98,3 +98,16 @@ def test_datamodule_seed_changes_the_order(scene, monkeypatch):
 
     assert order(0) == order(0) and order(0) != order(1)
     assert torch.equal(torch.tensor(sorted(order(5))), torch.arange(6))
+
+
+def test_resume_at_continues_mid_epoch_once():
+    """A run resumed at global step s draws, for the rest of that epoch, the batches the uninterrupted run drew; the
+    next epoch is whole again."""
+    full = GlobalBatchSampler(SharedPermutation(12, 5), 2)  # 6 steps an epoch
+    full.set_epoch(1)
+    epoch1 = list(full)
+    resumed = GlobalBatchSampler(SharedPermutation(12, 5), 2)
+    resumed.set_epoch(1)
+    resumed.resume_at(6 + 4)  # step 10: epoch 1, its fifth batch
+    assert list(resumed) == epoch1[4:]
+    assert list(resumed) == epoch1  # only the first pass after resuming skips
