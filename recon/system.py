@@ -235,7 +235,8 @@ class ReconSystem(L.LightningModule):
         for group in self.trainer.optimizers[0].param_groups if self._trainer is not None else []:
             logs[f"lr/{group['name']}"] = group["lr"]
         self.log_dict(logs, prog_bar=False, on_step=True, batch_size=img.shape[0])
-        self.log("psnr", train_psnr, prog_bar=True, on_step=True, logger=False, batch_size=img.shape[0])
+        self.log_dict({"pass": float(self.current_pass), "loss": loss, "psnr": train_psnr}, prog_bar=True, on_step=True,
+                      logger=False, batch_size=img.shape[0])  # the progress bar: pass, loss, PSNR (+ it/s, ETA)
         return loss
 
     def on_validation_epoch_start(self) -> None:

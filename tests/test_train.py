@@ -57,6 +57,8 @@ def test_short_fit_writes_all_outputs(tmp_path):
     assert timing["passes"] == 2 and timing["steps"] == 5 and timing["pass1_seconds"] > 0
     # steady throughput: pass 1 over steps 1..3, pass 2 over steps 4..5 (the bake at step 3 left out)
     assert timing["pass1_iterations_per_second"] > 0 and timing["pass2_iterations_per_second"] > 0
+    summary = proc.stdout + proc.stderr  # the closing summary: where the exports are, the metrics, the time
+    assert f"recon finished: {run}" in summary and "mesh.obj, mesh.glb, probe.hdr" in summary and "PSNR" in summary
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n_views"] == 2 and "chamfer_l1" in metrics["geometry"] and metrics["shading"] == "pbr"
     resolved = (run / "config_resolved.yaml").read_text()
@@ -85,6 +87,8 @@ def test_tensorboard_records_losses_images_and_hparams(tmp_path):
                 "hparams/psnr", "hparams/chamfer_l1"}
     assert expected <= scalars, expected - scalars
     assert "val/ref_render_error__kd_orm_normal" in acc.Tags()["images"]
+    meshes = set(acc.Tags()["tensors"])  # the exported mesh with vertex colours, for the mesh dashboard
+    assert {"mesh_VERTEX", "mesh_FACE", "mesh_COLOR"} <= meshes, meshes
     passes = [e.value for e in acc.Scalars("train/pass")]
     assert passes[0] == 1 and passes[-1] == 2
 

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from recon.color import linear_to_srgb
 from recon.eval.evaluate import RUN_INFO, evaluate_run, format_table
 from recon.export.gltf import write_glb
 from recon.export.hdr import write_hdr
@@ -111,6 +112,50 @@ def peak_memory_per_rank(trainer: L.Trainer, pl_module: L.LightningModule) -> li
     return [int(v) for v in peak.flatten().tolist()]
 
 
+def vertex_albedo(mesh: Mesh, kd: torch.Tensor) -> torch.Tensor:
+    """sRGB albedo per vertex [V,3] in 0..255 from the [R,R,3] linear albedo texture (nearest texel of one corner's
+    UV; a vertex on a seam takes one side's), for viewers that show vertex colours."""
+    res = kd.shape[0]
+    corner_uv = mesh.uv[mesh.uv_faces.reshape(-1)]
+    texel = (corner_uv * res - 0.5).round().long().clamp(0, res - 1)
+    color = kd[texel[:, 1], texel[:, 0]]  # recon's UV convention: u along columns, v down the rows
+    out = torch.zeros(mesh.verts.shape[0], 3, device=kd.device, dtype=kd.dtype)
+    out[mesh.faces.reshape(-1)] = color
+    return (linear_to_srgb(out.clamp(0, 1)) * 255).round().to(torch.uint8)
+
+
+def log_mesh(trainer: L.Trainer, mesh: Mesh, kd: torch.Tensor) -> None:
+    """The exported mesh with its albedo as vertex colours in TensorBoard's mesh dashboard (tag ``mesh``)."""
+    writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+    if not hasattr(writer, "add_mesh") or mesh.uv is None:
+        return
+    writer.add_mesh("mesh", vertices=mesh.verts[None].float().cpu(), faces=mesh.faces[None].int().cpu(),
+                    colors=vertex_albedo(mesh, kd)[None].cpu(), global_step=trainer.global_step)
+
+
+def final_summary(out_dir: Path, timing: dict, metrics: dict | None) -> str:
+    """The few lines printed when a fit ends: where the exports are, the test metrics, time and peak memory."""
+    files = [name for name in ("mesh.obj", "mesh.glb", "probe.hdr") if (out_dir / name).is_file()]
+    lines = ["", "=" * 72, f"recon finished: {out_dir}", f"  exports    {', '.join(files)} (+ textures; pass-1 result in pass1/)"]
+    if metrics:
+        geo = metrics.get("geometry", {})
+        psnr = metrics["psnr"]  # "inf" (a string in JSON) for a perfect match
+        psnr = f"{psnr:.2f}" if isinstance(psnr, (int, float)) else str(psnr)
+        quality = f"PSNR {psnr} dB, SSIM {metrics['ssim']:.4f}, IoU {metrics['iou']:.4f}"
+        if "chamfer_l1" in geo:
+            quality += f", chamfer-L1 {geo['chamfer_l1']:.5f} of the diagonal"
+        lines.append(f"  test views {quality} (metrics.json)")
+    fit, steps = timing.get("fit_seconds"), timing.get("steps")
+    rates = ", ".join(f"pass {p} {timing[f'pass{p}_iterations_per_second']:.1f} it/s" for p in (1, 2)
+                      if f"pass{p}_iterations_per_second" in timing)
+    if fit is not None:
+        lines.append(f"  time       fit {fit:.1f} s for {steps} steps ({rates}), export {timing['export_seconds']:.1f} s")
+    if timing.get("peak_gpu_memory_bytes"):
+        lines.append(f"  memory     peak GPU {timing['peak_gpu_memory_bytes'] / 2**30:.2f} GiB per process")
+    lines.append(f"  look       python -m recon.render_turntable {out_dir}   |   tensorboard --logdir {out_dir / 'tb'}")
+    return "\n".join(lines + ["=" * 72])
+
+
 class MeshExport(L.Callback):
     """Writes the exports (see `write_result`) into ``out_dir`` when training ends (rank zero), and the pass-1
     result into ``out_dir/pass1/`` at the pass boundary; then evaluates the final files into ``metrics.json``.
@@ -179,6 +224,7 @@ class MeshExport(L.Callback):
             result = pl_module.result()
         obj = write_result(self.out_dir, result["mesh"], result["texture"], result["light"], _to_world(trainer))
         export_seconds = time.perf_counter() - t0
+        log_mesh(trainer, result["mesh"], split_channels(result["texture"])["kd"])
         mesh = result["mesh"]
         rank_zero_info(f"exported {obj} ({mesh.faces.shape[0]} triangles, {result['texture'].shape[0]}^2 textures)")
         timing = {"fit_seconds": fit_seconds, "export_seconds": export_seconds, "steps": trainer.global_step,
@@ -198,3 +244,6 @@ class MeshExport(L.Callback):
                                    n_samples=self.eval_samples)
             rank_zero_info("test metrics of the exported mesh:\n" + format_table(metrics))
             log_hparams_with_metrics(trainer, pl_module, metrics, timing)
+        else:
+            metrics = None
+        rank_zero_info(final_summary(self.out_dir, timing, metrics))
