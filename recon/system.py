@@ -261,6 +261,9 @@ class ReconSystem(L.LightningModule):
             row2 = torch.cat([kd, ks, nrm.clamp(0, 1)], dim=1)
             grid = torch.cat([row1, row2], dim=0)
             self.logger.experiment.add_image("val/ref_render_error__kd_orm_normal", grid.permute(2, 0, 1), self.global_step)
+            with torch.no_grad():  # the learned environment light, lat-long, tonemapped as probe.hdr would display
+                probe = tonemap_srgb(self.light.to_latlong(64)).clamp(0, 1)
+            self.logger.experiment.add_image("val/light_probe", probe.permute(2, 0, 1), self.global_step)
 
     # ------------------------------------------------------------------------------------------ passes
     @torch.no_grad()
