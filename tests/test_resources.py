@@ -25,7 +25,7 @@ BENCH = ROOT / "bench" / "results"
     ("cpu-small-cpu.json", "cpu_small", "cpu", "torch", "peak_host_memory_bytes"),
 ])
 def test_estimate_reproduces_the_benchmark_runs(result, experiment, device, backend, measured):
-    """The runs in bench/results the coefficients came from (recon/resources.py names them), within 10 %."""
+    """The runs in bench/results the coefficients came from (recon/resources.py names them), within 15 %."""
     path = BENCH / result
     if not path.is_file():
         pytest.skip(f"{path} not present")
@@ -35,7 +35,7 @@ def test_estimate_reproduces_the_benchmark_runs(result, experiment, device, back
     assert list(settings["resolution"]) == [cfg.data.resolution] * 2 and settings["batch"] == cfg.data.batch_size
     assert settings["tet_grid"] == cfg.model.geometry.tet_grid and settings["light_res"] == cfg.model.light.base_res
     estimate = estimate_memory(cfg, device=device, backend=backend)
-    assert estimate.total_bytes == pytest.approx(bench[measured], rel=0.1)
+    assert estimate.total_bytes == pytest.approx(bench[measured], rel=0.15)
 
 
 def test_estimate_grows_with_every_memory_setting():
