@@ -48,14 +48,10 @@ def experiment_name(preset: str) -> str:
 
 
 def compose_config(preset: str, overrides: list[str] | tuple[str, ...] = ()):
-    """The config `train.py experiment=<preset> [overrides]` would run with (Hydra's compose API)."""
-    from hydra import compose, initialize_config_dir
+    """The config `train.py experiment=<preset> [overrides]` would run with (`recon.fit.compose_config`)."""
+    from recon.fit import compose_config as compose_train
 
-    from recon.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"experiment={experiment_name(preset)}", *overrides])
+    return compose_train([f"experiment={experiment_name(preset)}", *overrides])
 
 
 def config_summary(cfg) -> dict:
@@ -68,10 +64,10 @@ def config_summary(cfg) -> dict:
 
 
 def training_device(cfg) -> torch.device:
-    """The device the preset trains on: CUDA when visible and the trainer's accelerator is not cpu."""
-    if str(cfg.trainer.get("accelerator", "auto")) != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device the preset trains on (`recon.resources.training_device`: CUDA unless the trainer says cpu)."""
+    from recon.resources import training_device as device_of
+
+    return torch.device(device_of(cfg))
 
 
 def device_label(device: torch.device) -> str:

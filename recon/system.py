@@ -209,8 +209,9 @@ class ReconSystem(L.LightningModule):
         img = batch["img"]
         self.light.build_mips()  # the light's prefiltered levels follow its base every step (differentiably)
         want_depth = "depth" in batch and self.loss_cfg.get("depth_weight", 0.0) > 0
-        out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=self.surface is None,
-                          depth=want_depth, generator=self.step_generator())
+        pass1 = self.surface is None  # the albedo-smoothness jitter (pass 1) is the step's only random draw here
+        out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=pass1, depth=want_depth,
+                          generator=self.step_generator() if pass1 else None)
         kind = self.loss_cfg.get("background", "random")  # random: per-view noise, the same on any number of ranks
         bg = (view_noise(batch["index"], self.global_step, *img.shape[1:3], seed=run_seed(), device=img.device)
               if kind == "random" else background(kind, img.shape[:3], img.device))

@@ -136,7 +136,8 @@ def log_mesh(trainer: L.Trainer, mesh: Mesh, kd: torch.Tensor) -> None:
 def final_summary(out_dir: Path, timing: dict, metrics: dict | None) -> str:
     """The few lines printed when a fit ends: where the exports are, the test metrics, time and peak memory."""
     files = [name for name in ("mesh.obj", "mesh.glb", "probe.hdr") if (out_dir / name).is_file()]
-    lines = ["", "=" * 72, f"recon finished: {out_dir}", f"  exports    {', '.join(files)} (+ textures; pass-1 result in pass1/)"]
+    extra = "textures; pass-1 result in pass1/" if (out_dir / "pass1").is_dir() else "textures"
+    lines = ["", "=" * 72, f"recon finished: {out_dir}", f"  exports    {', '.join(files)} (+ {extra})"]
     if metrics:
         geo = metrics.get("geometry", {})
         psnr = metrics["psnr"]  # "inf" (a string in JSON) for a perfect match
@@ -173,6 +174,7 @@ class MeshExport(L.Callback):
         self._t0: float | None = None
         self._pass_seconds: dict[str, float] = {}
         self._step_times: dict[int, float] = {}  # global step -> time, at the ends of the throughput windows
+        self._marks: tuple[int, ...] | None = None
         self.listeners: list[Callable[[str], None]] = []
 
     def _begin(self, stage: str) -> None:
@@ -193,7 +195,9 @@ class MeshExport(L.Callback):
         atomic_write_bytes(self.out_dir / RUN_INFO, json.dumps(info, indent=2).encode())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step in throughput_marks(pl_module, trainer.max_steps):
+        if self._marks is None:  # the schedule is fixed for the fit: computed once, not every step
+            self._marks = throughput_marks(pl_module, trainer.max_steps)
+        if trainer.global_step in self._marks:
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)
             self._step_times[trainer.global_step] = time.perf_counter()
