@@ -217,27 +217,20 @@ class ReconSystem(L.LightningModule):
               if kind == "random" else background(kind, img.shape[:3], img.device))
         terms = self.losses(out, img, bg, batch.get("depth"))
         loss = terms["total"]
-        names = [k for k in terms if k not in ("total", "composited", "reference")]
-        if not torch.isfinite(loss):
-            values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names)
-            if self.optim_cfg.get("skip_nonfinite", False):  # opt-in: drop this step, keep training
-                self.skipped_steps += 1
-                log.warning("skipped step %d: non-finite loss (%s)", self.global_step, values)
-                return None
-            raise FloatingPointError(
-                f"non-finite loss at step {self.global_step} (pass {self.current_pass}: {values}). "
-                "Lower model.optim.lr_geometry / lr_material / lr_light."
-            )
-        with torch.no_grad():
-            train_psnr = psnr(linear_to_srgb(terms["composited"]).clamp(0, 1), linear_to_srgb(terms["reference"]).clamp(0, 1))
-        logs = {f"train/loss_{k}": terms[k] for k in names}
-        logs.update({"train/loss": loss, "train/psnr": train_psnr, "train/triangles": float(out["mesh"].faces.shape[0]),
-                     "train/pass": float(self.current_pass)})
-        for group in self.trainer.optimizers[0].param_groups if self._trainer is not None else []:
-            logs[f"lr/{group['name']}"] = group["lr"]
-        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=img.shape[0])
-        self.log_dict({"pass": float(self.current_pass), "loss": loss, "psnr": train_psnr}, prog_bar=True, on_step=True,
-                      logger=False, batch_size=img.shape[0])  # the progress bar: pass, loss, PSNR (+ it/s, ETA)
+        self._step_terms = terms  # checked for non-finite values with the gradients: one host sync per step
+        if self._logs_this_step():
+            names = [k for k in terms if k not in ("total", "composited", "reference")]
+            with torch.no_grad():
+                train_psnr = psnr(linear_to_srgb(terms["composited"]).clamp(0, 1),
+                                  linear_to_srgb(terms["reference"]).clamp(0, 1))
+            logs = {f"train/loss_{k}": terms[k] for k in names}
+            logs.update({"train/loss": loss, "train/psnr": train_psnr, "train/triangles": float(out["mesh"].faces.shape[0]),
+                         "train/pass": float(self.current_pass)})
+            for group in self.trainer.optimizers[0].param_groups if self._trainer is not None else []:
+                logs[f"lr/{group['name']}"] = group["lr"]
+            self.log_dict(logs, prog_bar=False, on_step=True, batch_size=img.shape[0])
+            self.log_dict({"pass": float(self.current_pass), "loss": loss, "psnr": train_psnr}, prog_bar=True,
+                          on_step=True, logger=False, batch_size=img.shape[0])  # the progress bar (+ it/s, ETA)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -387,23 +380,43 @@ class ReconSystem(L.LightningModule):
                       {"name": "texture", "params": self.textures.parameters(), "lr": o.get("lr_texture", 0.01)}]
             steps = self.pass2_steps
         groups.append({"name": "light", "params": self.light.parameters(), "lr": lr_light})
-        opt = torch.optim.Adam(groups, betas=betas, eps=1e-15 if o.get("tiny_eps", True) else 1e-8)
+        fused = self.device.type == "cuda"  # one kernel for every parameter's update
+        opt = torch.optim.Adam(groups, betas=betas, eps=1e-15 if o.get("tiny_eps", True) else 1e-8, fused=fused)
         warm, final = int(o.get("warmup_steps", 0)), float(o.get("lr_final_factor", 0.1))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, max(steps - warm, 1), final))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def _logs_this_step(self) -> bool:
+        """Whether this step's metrics reach the logger (every ``trainer.log_every_n_steps`` steps) or it is the first
+        step. Logging a dozen values through Lightning costs milliseconds of host time, so the other steps skip it."""
+        if self._trainer is None:
+            return True
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return self.global_step == 0 or bool(getattr(connector, "should_update_logs", True))
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop (or, with ``model.optim.skip_nonfinite``, skip the update) on a non-finite loss or gradient, with the
+        culprit named. The loss terms and every gradient are reduced on the device first: one host sync per step."""
+        terms, self._step_terms = getattr(self, "_step_terms", None), None
         named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
-        finite = torch.stack([g.isfinite().all() for _, g in named]) if named else None
-        if finite is not None and not bool(finite.all()):  # one host sync for all parameters
-            bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
-            if self.optim_cfg.get("skip_nonfinite", False):  # Adam leaves parameters without a gradient untouched
-                self.skipped_steps += 1
-                log.warning("skipped step %d: non-finite gradient in %s", self.global_step, ", ".join(bad))
-                for p in self.parameters():
-                    p.grad = None
-                return
-            raise FloatingPointError(
-                f"non-finite gradient at step {self.global_step} in {', '.join(bad)}. "
-                "Lower model.optim.lr_geometry / lr_material / lr_light."
-            )
+        checks = [g for _, g in named]
+        checks = [torch.stack(torch._foreach_norm(checks))] if checks else []
+        if terms is not None:
+            checks.append(terms["total"].detach().reshape(1))
+        if not checks or bool(torch.cat(checks).isfinite().all()):
+            return
+        skip = self.optim_cfg.get("skip_nonfinite", False)
+        if terms is not None and not bool(terms["total"].isfinite()):
+            names = [k for k in terms if k not in ("total", "composited", "reference")]
+            values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names)
+            what = f"non-finite loss at step {self.global_step} (pass {self.current_pass}: {values})"
+        else:
+            bad = [n for n, g in named if not bool(g.isfinite().all())]
+            what = f"non-finite gradient at step {self.global_step} in {', '.join(bad)}"
+        if skip:  # Adam leaves parameters without a gradient untouched
+            self.skipped_steps += 1
+            log.warning("skipped step %d: %s", self.global_step, what)
+            for p in self.parameters():
+                p.grad = None
+            return
+        raise FloatingPointError(f"{what}. Lower model.optim.lr_geometry / lr_material / lr_light.")

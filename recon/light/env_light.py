@@ -1,9 +1,6 @@
 """Learnable HDR environment light (nvdiffrec): cube map, GGX-prefiltered mip chain, split-sum shading.
 
-Cube-map convention (OpenGL, as nvdiffrast's boundary_mode='cube'): faces are ordered +x,-x,+y,-y,+z,-z and
-`cube[f, row, col]` sits at face coordinates s = (col+0.5)/R, t = (row+0.5)/R, with (a = 2s-1, b = 2t-1):
-    +x: ( 1, -b, -a)   -x: (-1, -b,  a)   +y: ( a,  1,  b)
-    -y: ( a, -1, -b)   +z: ( a, -b,  1)   -z: (-a, -b, -1)
+Cube-map convention and lookups: `recon.render.cube`.
 Lat-long images are [H,2H,C], row 0 looking up (+y), column 0 and 2H-1 looking along +z, the centre along -z
 (nvdiffrec's probe.hdr layout): dir = (sin(theta) sin(phi), cos(theta), -sin(theta) cos(phi)).
 Everything here is plain torch, differentiable w.r.t. the cube, on whatever device the module lives.
@@ -16,79 +13,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from recon.gather import take_rows
 from recon.light.bsdf import ggx_lut, ggx_ndf, hammersley, importance_sample_ggx, lookup_lut
-
-# Row f: the (x, y, z) direction of face f is sum_k M[f,k] * (a, b, 1)[k].
-_FACE_AXES = torch.tensor(
-    [
-        [[0, 0, 1], [0, -1, 0], [-1, 0, 0]],
-        [[0, 0, -1], [0, -1, 0], [1, 0, 0]],
-        [[1, 0, 0], [0, 0, 1], [0, 1, 0]],
-        [[1, 0, 0], [0, 0, -1], [0, -1, 0]],
-        [[1, 0, 0], [0, -1, 0], [0, 0, 1]],
-        [[-1, 0, 0], [0, -1, 0], [0, 0, -1]],
-    ],
-    dtype=torch.float32,
-)  # [6, 3 (x,y,z), 3 (a,b,1)]
-
-
-def _normalize(v: Tensor, eps: float = 1e-20) -> Tensor:
-    return v * torch.rsqrt((v * v).sum(-1, keepdim=True).clamp_min(eps))
-
-
-def cube_to_dir(res: int, device: torch.device | str | None = None, face: int | None = None) -> Tensor:
-    """Unit directions through texel centres: [6,R,R,3] (or [R,R,3] for one `face` index), float32."""
-    c = (torch.arange(res, dtype=torch.float32, device=device) + 0.5) / res * 2 - 1
-    b, a = torch.meshgrid(c, c, indexing="ij")
-    abc = torch.stack((a, b, torch.ones_like(a)), dim=-1)  # [R,R,3]
-    axes = _FACE_AXES.to(device)
-    dirs = torch.einsum("fij,hwj->fhwi", axes, abc)
-    dirs = _normalize(dirs)
-    return dirs if face is None else dirs[face]
-
-
-def dir_to_cube(dirs: Tensor) -> tuple[Tensor, Tensor]:
-    """Directions [...,3] (any length > 0) -> face index [...] int64 and (s, t) [...,2] in [0,1] (s: column)."""
-    x, y, z = dirs.unbind(-1)
-    ax, ay, az = x.abs(), y.abs(), z.abs()
-    # Ties go to x, then y (a fixed, deterministic rule for directions on cube edges).
-    is_x = (ax >= ay) & (ax >= az)
-    is_y = ~is_x & (ay >= az)
-    face = torch.where(is_x, (x < 0).long(), torch.where(is_y, 2 + (y < 0).long(), 4 + (z < 0).long()))
-    ma = torch.where(is_x, ax, torch.where(is_y, ay, az)).clamp_min(1e-20)
-    sc = torch.where(is_x, torch.where(x >= 0, -z, z), torch.where(is_y, x, torch.where(z >= 0, x, -x)))
-    tc = torch.where(is_x, -y, torch.where(is_y, torch.where(y >= 0, z, -z), -y))
-    uv = torch.stack(((sc / ma + 1) * 0.5, (tc / ma + 1) * 0.5), dim=-1)
-    return face, uv
-
-
-def cube_taps(res: int, face: Tensor, uv: Tensor) -> tuple[Tensor, Tensor]:
-    """The four bilinear taps of a res^2 cube at (face, uv) from `dir_to_cube`: flat texel indices [...,4] into the
-    cube reshaped to [6*R*R, C], and their weights [...,4] (summing to one)."""
-    p = (uv * res - 0.5).clamp(0, res - 1)
-    p0 = p.floor().long().clamp(max=max(res - 2, 0))
-    f = p - p0
-    p1 = (p0 + 1).clamp(max=res - 1)
-    base = face * (res * res)
-    fx, fy = f[..., 0], f[..., 1]
-    x0, y0, x1, y1 = p0[..., 0], p0[..., 1], p1[..., 0], p1[..., 1]
-    idx = torch.stack((y0 * res + x0, y0 * res + x1, y1 * res + x0, y1 * res + x1), dim=-1) + base[..., None]
-    w = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), dim=-1)
-    return idx, w
-
-
-def sample_cube(cube: Tensor, dirs: Tensor, coords: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Bilinear lookup of cube [6,R,R,C] along dirs [...,3] -> [...,C]; differentiable w.r.t. cube.
-
-    Filtering stays inside the face the direction hits, clamped at its border: within half a texel of a cube
-    edge the result is the edge texel row rather than a blend across faces (nvdiffrast's 'cube' mode blends),
-    a seam error that shrinks with resolution and that the GGX prefilter and diffuse convolution smooth over.
-    """
-    res, ch = cube.shape[1], cube.shape[-1]
-    face, uv = dir_to_cube(dirs.detach()) if coords is None else coords  # coords: dir_to_cube(dirs), reused
-    idx, w = cube_taps(res, face, uv)
-    return (take_rows(cube.reshape(-1, ch), idx) * w.to(cube.dtype)[..., None]).sum(-2)  # the 4 taps: [...,4,C]
+from recon.render.cube import cube_taps, cube_to_dir, dir_to_cube, normalize, sample_cube, sample_cube_mips
 
 
 class _OperatorCache:
@@ -171,7 +97,7 @@ def latlong_dirs(height: int, device: torch.device | str | None = None) -> Tenso
 def sample_latlong(img: Tensor, dirs: Tensor) -> Tensor:
     """Bilinear lookup of a lat-long image [H,W,C] along dirs [...,3] -> [...,C] (wraps in longitude)."""
     h, w, ch = img.shape
-    d = _normalize(dirs)
+    d = normalize(dirs)
     u = torch.atan2(d[..., 0], -d[..., 2]) / (2 * math.pi) + 0.5
     v = torch.acos(d[..., 1].clamp(-1, 1)) / math.pi
     x = u * w - 0.5
@@ -354,7 +280,8 @@ class EnvironmentLight(nn.Module):
         self.diffuse = self._irradiance(diff_src)
 
     def shade(
-        self, gb_pos: Tensor, gb_normal: Tensor, kd: Tensor, arm: Tensor, view_pos: Tensor, specular: bool = True
+        self, gb_pos: Tensor, gb_normal: Tensor, kd: Tensor, arm: Tensor, view_pos: Tensor, specular: bool = True,
+        rasterizer=None,
     ) -> Tensor:
         """Split-sum shading (nvdiffrec's `EnvironmentLight.shade`).
 
@@ -364,12 +291,14 @@ class EnvironmentLight(nn.Module):
             (irradiance(N) * kd * (1-metallic) + prefiltered(R, roughness) * (F0 * scale + bias)) * (1 - occlusion)
         with F0 = lerp(0.04, kd, metallic); the whole sum is scaled by 1 - occlusion as nvdiffrec does (its
         `ks.x`). With specular=False the diffuse term uses kd unscaled by metallic, as nvdiffrec.
+        rasterizer: a `Rasterizer` whose `cube_texture` / `texture` do the cube-map and BSDF-table lookups (nvdiffrast's
+        kernels on CUDA: one launch for all specular levels); None: the PyTorch lookups of `recon.render.cube`.
         """
         if self.specular is None or self.diffuse is None:
             raise RuntimeError("EnvironmentLight.shade needs mips: call light.build_mips() after each base update.")
         if view_pos.dim() == 2 and gb_pos.dim() > 2 and view_pos.shape[0] == gb_pos.shape[0]:
             view_pos = view_pos.reshape(view_pos.shape[0], *([1] * (gb_pos.dim() - 2)), 3)
-        wo = _normalize(view_pos - gb_pos)
+        wo = normalize(view_pos - gb_pos)
         n = gb_normal
         if specular:
             roughness, metallic = arm[..., 1:2], arm[..., 2:3]
@@ -377,18 +306,18 @@ class EnvironmentLight(nn.Module):
             diff_col = kd * (1 - metallic)
         else:
             diff_col = kd
-        shaded = sample_cube(self.diffuse, n) * diff_col
+        cube_lookup = sample_cube_mips if rasterizer is None else rasterizer.cube_texture
+        shaded = cube_lookup([self.diffuse], n) * diff_col
         if specular:
             n_dot_v = (wo * n).sum(-1, keepdim=True).clamp_min(1e-4)
-            reflvec = _normalize(2 * n_dot_v * n - wo)
-            fg = lookup_lut(self.lut, n_dot_v[..., 0], roughness[..., 0])
-            mip = self.get_mip(roughness)
-            spec = torch.zeros_like(shaded)
-            coords = dir_to_cube(reflvec.detach())  # shared by every level
-            for lv, cube in enumerate(self.specular):
-                w = (1 - (mip - lv).abs()).clamp_min(0)
-                if bool((w > 0).any()):
-                    spec = spec + sample_cube(cube, reflvec, coords) * w
+            reflvec = normalize(2 * n_dot_v * n - wo)
+            if rasterizer is None:
+                fg = lookup_lut(self.lut, n_dot_v[..., 0], roughness[..., 0])
+            else:  # the table's rows are n.v, its columns roughness: uv = (roughness, n.v)
+                uv = torch.cat([roughness, n_dot_v], -1).reshape(1, -1, 1, 2)
+                fg = rasterizer.texture(self.lut[None], uv, filter_mode="linear", boundary_mode="clamp")
+                fg = fg.reshape(*roughness.shape[:-1], -1)
+            spec = cube_lookup(self.specular, reflvec, self.get_mip(roughness)[..., 0])
             shaded = shaded + spec * (spec_col * fg[..., 0:1] + fg[..., 1:2])
         return shaded * (1 - arm[..., 0:1])
 

@@ -157,3 +157,20 @@ class NvdiffrastRasterizer(Rasterizer):
             boundary_mode=boundary_mode,
             max_mip_level=max_mip_level,
         )
+
+    def cube_texture(self, levels: list[Tensor], dirs: Tensor, level: Tensor | None = None) -> Tensor:
+        """See `Rasterizer.cube_texture`: nvdiffrast's cube-mode texture, one kernel for the whole chain, filtering
+        across face edges; gradients also reach ``dirs`` (as in nvdiffrec)."""
+        import nvdiffrast.torch as dr
+
+        _load_plugin()
+        shape = dirs.shape[:-1]
+        uv = dirs.reshape(1, -1, 1, 3).contiguous()
+        if level is None or len(levels) == 1:
+            out = dr.texture(levels[0][None].contiguous(), uv, filter_mode="linear", boundary_mode="cube")
+        else:
+            bias = level.reshape(1, -1, 1).clamp(0, len(levels) - 1).contiguous()
+            out = dr.texture(levels[0][None].contiguous(), uv, mip=[m[None].contiguous() for m in levels[1:]],
+                             mip_level_bias=bias, filter_mode="linear-mipmap-linear", boundary_mode="cube")
+        return out.reshape(*shape, out.shape[-1])
+

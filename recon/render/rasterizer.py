@@ -94,6 +94,19 @@ class Rasterizer(ABC):
         differentiable w.r.t. tex, uv and uv_da.
         """
 
+    def cube_texture(self, levels: list[Tensor], dirs: Tensor, level: Tensor | None = None) -> Tensor:
+        """Sample a cube map along directions, trilinearly across its mip chain.
+
+        levels: [6,R,R,C] cube faces (`recon.render.cube`'s convention, nvdiffrast's), then its coarser levels, each
+        half the previous. dirs: [...,3] (need not be unit length). level: [...] fractional mip level (0 = levels[0],
+        clamped to the chain); None samples levels[0] bilinearly. Returns [...,C], differentiable w.r.t. every
+        level and ``level``. This default is the PyTorch lookup of `recon.render.cube` (filtering stays inside each
+        face); backends with a native cube-map sampler override it.
+        """
+        from recon.render.cube import sample_cube_mips
+
+        return sample_cube_mips(levels, dirs, level)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

@@ -190,7 +190,7 @@ def render_pbr(
         mark()
     n_shade = perturb_normal(mat["nrm"], n_smooth, tangent, hand) if perturb else n_smooth
     n_shade = bend_normal(_normalize(view_pos - pos), n_shade, n_geom)
-    color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos)
+    color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
     values = torch.cat([color, mat["kd"], mat["ks"], n_shade] + ([mat["kd_grad"]] if "kd_grad" in mat else []), -1)
     images = values.new_zeros(*n_pix, values.shape[-1]).index_put((mask,), values)
     gb["rgb"], gb["alpha"] = with_coverage(rasterizer, images[..., :3], gb, mesh.faces, antialias)
