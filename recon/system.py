@@ -280,9 +280,10 @@ class ReconSystem(L.LightningModule):
         t1 = time.perf_counter()
         mesh = simplify(mesh, int(self.bake_cfg.get("max_faces", 100_000)))
         t2 = time.perf_counter()
-        mesh = unwrap(mesh).with_tangents()
+        res = int(self.bake_cfg.get("texture_res", 2048))
+        mesh = unwrap(mesh, resolution=res, chunk_faces=int(self.bake_cfg.get("unwrap_chunk_faces", 6000))).with_tangents()
         t3 = time.perf_counter()
-        tex = bake_pbr_textures(self.rasterizer, mesh, self.material.sample, int(self.bake_cfg.get("texture_res", 2048)))
+        tex = bake_pbr_textures(self.rasterizer, mesh, self.material.sample, res)
         self.bake_stats = {
             "extracted_triangles": int(full.faces.shape[0]), "visible_triangles": visible,
             "exported_triangles": int(mesh.faces.shape[0]), "cull_seconds": t1 - t0, "simplify_seconds": t2 - t1,
