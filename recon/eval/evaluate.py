@@ -4,7 +4,8 @@
 textures (``map_Kd``, and ``map_Ks`` + normal map when present) and ``probe.hdr``, renders it at the data set's
 test views with recon's renderer (split-sum PBR under the probe, or unlit albedo for an albedo-only export),
 compares with the test images (sRGB over a white background) and, given a ground-truth mesh, measures the
-geometry. Writes ``RUN_DIR/metrics.json``. ``--light`` relights the export under another lat-long HDR probe.
+geometry. Writes ``RUN_DIR/metrics.json``. ``--light`` relights the export under another lat-long HDR probe;
+``--mesh mesh.glb`` evaluates the GLB (its glTF PBR material) instead, into ``metrics.mesh.glb.json``.
 """
 from __future__ import annotations
 
@@ -30,20 +31,27 @@ def read_run_info(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_export(run_dir: Path, device: str) -> dict:
+def load_export(run_dir: Path, device: str, mesh_file: str = "mesh.obj") -> dict:
     """The exported files of ``run_dir`` as render inputs: ``mesh`` (welded positions, UV seams in ``uv_faces``,
-    normals, tangents), ``kd`` [1,H,W,3] linear, and when present ``ks``/``nrm`` [1,H,W,3]."""
+    normals, tangents), ``kd`` [1,H,W,3] linear, and when present ``ks``/``nrm`` [1,H,W,3]. ``mesh_file``:
+    ``mesh.obj`` (with its MTL's maps) or ``mesh.glb`` (its glTF PBR material, `recon.export.gltf.load_glb`)."""
+    from recon.export.gltf import load_glb
     from recon.export.obj import load_pbr_maps
 
-    mesh, texture = load_textured_obj(run_dir / "mesh.obj", device)
-    if texture is None:
-        raise DataError(f"{run_dir / 'mesh.obj'} has no map_Kd texture: the export is incomplete.")
-    # trimesh splits vertices at UV seams: weld positions again so normals and tangents are smooth across seams
+    path = run_dir / mesh_file
+    if path.suffix.lower() == ".glb":
+        mesh, maps = load_glb(path, device)
+    elif path.suffix.lower() == ".obj":
+        mesh, texture = load_textured_obj(path, device)
+        if texture is None:
+            raise DataError(f"{path} has no map_Kd texture: the export is incomplete.")
+        maps = {"kd": texture, **load_pbr_maps(path, device)}
+    else:
+        raise DataError(f"{path}: recon evaluates mesh.obj or mesh.glb exports, not {path.suffix!r} files.")
+    # both formats split vertices at UV seams: weld positions again so normals and tangents are smooth across seams
     verts, inverse = torch.unique(mesh.verts, dim=0, return_inverse=True)
     welded = Mesh(verts=verts, faces=inverse[mesh.faces], uv=mesh.uv, uv_faces=mesh.faces if mesh.uv is not None else None)
-    out = {"mesh": welded.with_tangents() if mesh.uv is not None else welded.with_normals(), "kd": texture}
-    out.update(load_pbr_maps(run_dir / "mesh.obj", device))
-    return out
+    return {"mesh": welded.with_tangents() if mesh.uv is not None else welded.with_normals(), **maps}
 
 
 def load_light(path: Path, device: str, settings: dict | None = None):
@@ -95,8 +103,10 @@ def evaluate_run(
     n_samples: int = 100_000,
     write: bool = True,
     light: str | Path | None = None,
+    mesh_file: str = "mesh.obj",
 ) -> dict:
-    """Metrics of the export in ``run_dir`` (see module docstring); also written to ``metrics.json``."""
+    """Metrics of the export in ``run_dir`` (see module docstring); also written to ``metrics.json`` (for
+    ``mesh_file="mesh.glb"``: ``metrics.mesh.glb.json``, leaving the OBJ's metrics as they are)."""
     from recon.render import make_rasterizer
 
     run_dir = Path(run_dir)
@@ -105,7 +115,7 @@ def evaluate_run(
     if data is None:
         raise DataError(f"no data set known for {run_dir}: pass --data PATH (the scene directory it was fitted to).")
     device = device or ("cuda" if torch.cuda.is_available() and backend != "torch" else "cpu")
-    export = load_export(run_dir, device)
+    export = load_export(run_dir, device, mesh_file)
     mesh = export["mesh"]
     light_path = Path(light) if light is not None else run_dir / "probe.hdr"
     if light is not None and not light_path.is_file():
@@ -140,7 +150,7 @@ def evaluate_run(
         "ssim": float(np.mean([v["ssim"] for v in per_view])),
         "iou": float(np.mean([v["iou"] for v in per_view])),
         "triangles": int(mesh.faces.shape[0]), "vertices": int(mesh.verts.shape[0]),
-        "shading": "pbr" if env is not None else "albedo",
+        "shading": "pbr" if env is not None else "albedo", "mesh_file": mesh_file,
     }
     if light is not None:
         metrics["light"] = str(light_path)
@@ -156,9 +166,10 @@ def evaluate_run(
         metrics["gt_mesh"] = str(gt_path)
     metrics["per_view"] = per_view
     if write:
-        previous = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+        out = run_dir / ("metrics.json" if mesh_file == "mesh.obj" else f"metrics.{mesh_file}.json")
+        previous = json.loads(out.read_text()) if out.is_file() else {}
         previous.update(metrics)
-        atomic_write_bytes(run_dir / "metrics.json", json.dumps(previous, indent=2).encode())
+        atomic_write_bytes(out, json.dumps(previous, indent=2).encode())
     return metrics
 
 

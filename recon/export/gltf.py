@@ -188,3 +188,54 @@ def write_glb(
     path = Path(path)
     atomic_write_bytes(path, glb_bytes(mesh, kd_linear, orm_linear, normal_ts))
     return path
+
+
+def load_glb(path: str | Path, device: str | torch.device = "cpu") -> tuple[Mesh, dict[str, Tensor]]:
+    """Read a .glb as `write_glb` writes it (and as other glTF PBR exporters do), through trimesh.
+
+    Returns the mesh (positions as stored, split at UV seams; ``uv`` in recon's convention, v down the rows) and the
+    material as recon's maps: ``kd`` [1,H,W,3] linear albedo, and when the file has them ``ks`` [1,H,W,3] =
+    (1 - glTF occlusion, roughness, metallic) and ``nrm`` [1,H,W,3] tangent-space normals in [-1,1].
+    """
+    import trimesh
+
+    from recon.color import srgb_to_linear
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run has no exported GLB (did the fit finish?).")
+    try:
+        tm = trimesh.load(path, force="mesh", process=False)
+    except Exception as e:  # trimesh raises several kinds on a truncated or foreign file
+        raise ValueError(f"{path} is not a readable glTF binary ({type(e).__name__}: {e}); export it again.") from e
+    if len(tm.faces) == 0:
+        raise ValueError(f"{path} has no faces: nothing to evaluate.")
+    visual = tm.visual
+    material = getattr(visual, "material", None)
+    if not isinstance(visual, trimesh.visual.TextureVisuals) or visual.uv is None or material is None:
+        raise ValueError(f"{path} has no texture coordinates or material: not a textured recon export.")
+
+    def image(img, name: str) -> Tensor | None:
+        if img is None:
+            return None
+        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        return torch.as_tensor(arr, device=device)[None].contiguous()
+
+    kd = image(getattr(material, "baseColorTexture", None), "baseColorTexture")
+    if kd is None:
+        raise ValueError(f"{path} has no baseColorTexture: the export is incomplete.")
+    maps = {"kd": srgb_to_linear(kd).contiguous()}
+    mr = image(getattr(material, "metallicRoughnessTexture", None), "metallicRoughnessTexture")
+    if mr is not None:  # glTF: roughness in G, metallic in B; occlusion (1 = unoccluded) in R of its own texture
+        occ = image(getattr(material, "occlusionTexture", None), "occlusionTexture")
+        occlusion = 1 - occ[..., 0:1] if occ is not None else torch.zeros_like(mr[..., 0:1])
+        maps["ks"] = torch.cat([occlusion, mr[..., 1:3]], -1).contiguous()
+    nrm = image(getattr(material, "normalTexture", None), "normalTexture")
+    if nrm is not None:
+        maps["nrm"] = (nrm * 2 - 1).contiguous()
+    uv = np.asarray(visual.uv, dtype=np.float32).copy()
+    uv[:, 1] = 1.0 - uv[:, 1]  # trimesh turns glTF's v (down the rows) into v up; recon's convention is glTF's
+    faces = torch.as_tensor(np.asarray(tm.faces), dtype=torch.int64, device=device)
+    mesh = Mesh(verts=torch.as_tensor(np.asarray(tm.vertices), dtype=torch.float32, device=device), faces=faces,
+                uv=torch.as_tensor(uv, device=device), uv_faces=faces)
+    return mesh, maps

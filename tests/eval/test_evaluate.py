@@ -63,3 +63,21 @@ def test_empty_mesh_and_missing_split_are_named(gt_run, tmp_path):
         evaluate_run(tmp_path, data=data, backend="torch")
     with pytest.raises(ValueError, match="transforms_nope.json not found"):
         evaluate_run(run, split="nope", backend="torch", write=False)
+
+
+def test_glb_export_scores_as_the_obj(gt_run, tmp_path):
+    """The same textured mesh evaluated from mesh.glb (glTF's UV convention, its own copy of the texture) and from
+    mesh.obj gives the same images: PSNR within 0.05 dB. A flipped v axis or a wrong colour space would cost > 5 dB."""
+    from recon.export.gltf import write_glb
+    from recon.export.obj import load_textured_obj
+
+    run, _ = gt_run
+    mesh, texture = load_textured_obj(run / "mesh.obj")
+    write_glb(run / "mesh.glb", mesh, texture[0])
+    obj = evaluate_run(run, backend="torch", n_samples=5000, write=False)
+    glb = evaluate_run(run, backend="torch", n_samples=5000, mesh_file="mesh.glb")
+    assert glb["mesh_file"] == "mesh.glb" and abs(glb["psnr"] - obj["psnr"]) < 0.05, (glb["psnr"], obj["psnr"])
+    assert json.loads((run / "metrics.mesh.glb.json").read_text())["psnr"] == glb["psnr"]
+    (tmp_path / "mesh.glb").write_bytes(b"glTF" + b"\0" * 20)  # truncated
+    with pytest.raises(ValueError, match="mesh.glb"):
+        evaluate_run(tmp_path, data=gt_run[1], backend="torch", mesh_file="mesh.glb")
