@@ -1,0 +1,100 @@
+"""Where a training step's GPU time goes, kernel by kernel: `python bench/kernels.py PRESET [--steps N] [--override K=V]`.
+
+Builds the preset's config as `bench/run.py` does, runs warm-up steps of pass 1, then ``--steps`` steps under
+``torch.profiler`` (CPU and CUDA activity), switches to pass 2 on a bake of the (briefly trained) pass-1 surface and
+does the same. Prints, per pass, the wall time per step, the host (CPU) time per step, the GPU kernel time per step
+and the kernels with the most GPU time, and writes the tables to ``--out`` as JSON. A step whose host time exceeds
+its kernel time is bound by the host (Python and kernel launches), not by the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import run as bench  # noqa: E402 (bench/run.py, next to this file)
+
+
+def _kernel_table(prof, steps: int, top: int) -> tuple[list[dict], float]:
+    rows, total = [], 0.0
+    for evt in prof.key_averages():
+        gpu_us = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0))
+        if gpu_us <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:  # kernels and copies only
+            continue
+        total += gpu_us
+        rows.append({"name": evt.key[:90], "ms_per_step": gpu_us / 1e3 / steps, "calls_per_step": evt.count / steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:top], total / 1e3 / steps
+
+
+def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    timer = bench.StageTimer(device)
+    batches = bench._batches(datamodule, device)
+    for _ in range(warmup):
+        bench.training_step_stages(system, next(batches), opt, sched, timer)
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            bench.training_step_stages(system, next(batches), opt, sched, timer)
+        torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    kernels, gpu_ms = _kernel_table(prof, steps, top)
+    host = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),
+                  key=lambda e: -e.self_cpu_time_total)[:top]
+    host_ops = [{"name": e.key[:90], "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                 "calls_per_step": e.count / steps} for e in host]
+    launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+    return {"wall_ms_per_step": wall, "gpu_kernel_ms_per_step": gpu_ms, "launches_per_step": launches / steps,
+            "kernels": kernels, "host_ops": host_ops}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("preset")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", type=Path, default=None, help="write the tables here as JSON")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("bench/kernels.py profiles CUDA kernels: run it on a machine with a GPU.")
+    cfg = bench.compose_config(args.preset, args.override)
+    device = torch.device("cuda")
+    datamodule, system, opt, sched = bench.build_for_profile(cfg, device)
+    system.train()
+    result = {"preset": args.preset, "overrides": args.override, "device": torch.cuda.get_device_name(device)}
+    result["pass1"] = profile_pass(system, datamodule, opt, sched, device, args.steps, args.warmup, args.top)
+    if int(cfg.model.pass2_steps) > 0:
+        system.begin_pass2()
+        conf = system.configure_optimizers()
+        result["pass2"] = profile_pass(system, datamodule, conf["optimizer"], conf["lr_scheduler"]["scheduler"], device,
+                                       args.steps, args.warmup, args.top)
+    for name in ("pass1", "pass2"):
+        if name not in result:
+            continue
+        r = result[name]
+        print(f"\n{args.preset} {name}: wall {r['wall_ms_per_step']:.1f} ms/step, GPU kernels "
+              f"{r['gpu_kernel_ms_per_step']:.1f} ms/step, {r['launches_per_step']:.0f} launches/step")
+        for k in r["kernels"]:
+            print(f"  {k['ms_per_step']:7.2f} ms  {k['calls_per_step']:6.1f}x  {k['name']}")
+        print("  host, self time:")
+        for k in r["host_ops"][:12]:
+            print(f"  {k['self_ms_per_step']:7.2f} ms  {k['calls_per_step']:6.1f}x  {k['name']}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
