@@ -90,8 +90,9 @@ class LightConfig:
     min_res: int = 16                     # coarsest specular mip
     min_roughness: float = 0.08
     max_roughness: float = 0.5
-    init: str = "constant"                # constant | random
+    init: str = "constant"                # constant | random | path of a lat-long .hdr probe (e.g. a measured light)
     init_value: float = 0.5
+    trainable: bool = True                # false: keep the light as initialised (a known probe; nvdiffrec's lock_light)
     prefilter_samples: int = 32           # GGX samples per texel of each prefiltered level (at least)
     diffuse_res: int = 16                 # irradiance cube size
 

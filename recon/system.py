@@ -190,7 +190,8 @@ class ReconSystem(L.LightningModule):
             terms["kd_smooth"], weights["kd_smooth"] = out["kd_grad"].mean(), c.get("kd_smooth_weight", 0.03) * ramp
         terms["occlusion"] = (out["ks"][..., 0:1] * out["alpha"].detach()).mean()
         weights["occlusion"] = c.get("occlusion_weight", 0.001) * ramp
-        terms["light_white"], weights["light_white"] = self.light.regularizer(), c.get("light_white_weight", 0.005)
+        if self.light.trainable:
+            terms["light_white"], weights["light_white"] = self.light.regularizer(), c.get("light_white_weight", 0.005)
         if depth is not None and c.get("depth_weight", 0.0) > 0 and "depth" in out:
             terms["depth"] = depth_loss(out["depth"], depth, out["alpha"], ref_a)
             weights["depth"] = c["depth_weight"]
@@ -207,7 +208,8 @@ class ReconSystem(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         img = batch["img"]
-        self.light.build_mips()  # the light's prefiltered levels follow its base every step (differentiably)
+        if self.light.trainable or self.light.specular is None:
+            self.light.build_mips()  # the light's prefiltered levels follow its base every step (differentiably)
         want_depth = "depth" in batch and self.loss_cfg.get("depth_weight", 0.0) > 0
         pass1 = self.surface is None  # the albedo-smoothness jitter (pass 1) is the step's only random draw here
         out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=pass1, depth=want_depth,
@@ -380,7 +382,8 @@ class ReconSystem(L.LightningModule):
             groups = [{"name": "position", "params": self.surface.parameters(), "lr": o.get("lr_position", 0.001)},
                       {"name": "texture", "params": self.textures.parameters(), "lr": o.get("lr_texture", 0.01)}]
             steps = self.pass2_steps
-        groups.append({"name": "light", "params": self.light.parameters(), "lr": lr_light})
+        if self.light.trainable:
+            groups.append({"name": "light", "params": self.light.parameters(), "lr": lr_light})
         fused = self.device.type == "cuda"  # one kernel for every parameter's update
         opt = torch.optim.Adam(groups, betas=betas, eps=1e-15 if o.get("tiny_eps", True) else 1e-8, fused=fused)
         warm, final = int(o.get("warmup_steps", 0)), float(o.get("lr_final_factor", 0.1))

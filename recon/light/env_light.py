@@ -17,6 +17,24 @@ from recon.light.bsdf import ggx_lut, ggx_ndf, hammersley, importance_sample_ggx
 from recon.render.cube import cube_taps, cube_to_dir, dir_to_cube, normalize, sample_cube, sample_cube_mips
 
 
+def _read_probe(path: str) -> Tensor:
+    """A lat-long Radiance .hdr probe [H,2H,3] (recon's probe.hdr layout) for ``light.init=PATH``."""
+    from pathlib import Path
+
+    from recon.export.hdr import read_hdr
+
+    p = Path(path).expanduser()
+    if p.suffix.lower() != ".hdr":
+        raise ValueError(f"model.light.init={path!r}: use 'constant', 'random' or the path of a lat-long .hdr probe.")
+    if not p.is_file():
+        raise FileNotFoundError(f"model.light.init={path!r}: no such .hdr probe (give an absolute path or one relative "
+                                "to the directory train.py runs in).")
+    img = read_hdr(p)
+    if img.shape[1] != 2 * img.shape[0]:
+        raise ValueError(f"{p} is {img.shape[1]}x{img.shape[0]}: a lat-long probe is twice as wide as high.")
+    return img
+
+
 class _OperatorCache:
     """Holds a derived sparse operator and the key it was built for; copies and pickles start empty (sparse CSR
     tensors neither deep-copy nor need to travel: they are rebuilt on first use)."""
@@ -133,8 +151,13 @@ class EnvironmentLight(nn.Module):
         diffuse_res: int = 16,
         lut_resolution: int = 256,
         lut_samples: int = 512,
+        trainable: bool = True,
     ) -> None:
         super().__init__()
+        probe = None
+        if isinstance(init, str) and init not in ("constant", "random"):
+            probe = _read_probe(init)
+            init = "constant"
         if isinstance(init, Tensor):
             base = init.detach().float().clone()
             if base.dim() != 4 or base.shape[0] != 6 or base.shape[1] != base.shape[2]:
@@ -148,13 +171,20 @@ class EnvironmentLight(nn.Module):
             raise ValueError(f"light init={init!r} is not known: use 'constant', 'random' or a [6,R,R,3] tensor.")
         if base_res & (base_res - 1) or min_res & (min_res - 1) or min_res > base_res:
             raise ValueError(f"light base_res={base_res} and min_res={min_res} must be powers of two, min <= base.")
-        self.base = nn.Parameter(base)
+        self.base = nn.Parameter(base, requires_grad=bool(trainable))
         self.min_res, self.min_roughness, self.max_roughness = min_res, min_roughness, max_roughness
         self.prefilter_samples, self.diffuse_res = prefilter_samples, min(diffuse_res, min_res)
         self.register_buffer("lut", ggx_lut(lut_resolution, lut_samples).clone(), persistent=False)
         self.specular: list[Tensor] | None = None
         self.diffuse: Tensor | None = None
         self._operator = _OperatorCache()  # the prefilter as a sparse matrix, see `_prefilter_operator`
+        if probe is not None:
+            self.from_latlong(probe)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the fit learns the light (False: a known probe, fixed, as nvdiffrec's ``lock_light``)."""
+        return self.base.requires_grad
 
     @property
     def num_levels(self) -> int:

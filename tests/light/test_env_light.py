@@ -170,3 +170,30 @@ def test_shade_through_the_torch_rasterizer_equals_the_plain_lookups():
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+def test_light_from_a_probe_file_and_fixed(tmp_path):
+    """``init=PATH.hdr`` loads a lat-long probe (to within the cube's resampling), ``trainable=False`` keeps it out of
+    the gradients; a missing or misshapen probe is named."""
+    import pytest
+
+    from recon.export.hdr import write_hdr
+
+    from recon.data.synthetic_scene import pbr_light_latlong
+
+    probe = pbr_light_latlong("sky", 32)
+    write_hdr(tmp_path / "probe.hdr", probe)
+    fixed = EnvironmentLight(init=str(tmp_path / "probe.hdr"), trainable=False, **SMALL)
+    assert not fixed.trainable and not fixed.base.requires_grad
+    assert (fixed.to_latlong(32) - probe).abs().mean() < 0.05 * probe.mean()  # RGBE + resampling
+    fixed.build_mips()
+    out = fixed.shade(*_pixels(torch.tensor([[0.0, 1.0, 0.0]]))[:2], torch.ones(1, 3), torch.tensor([[0.0, 0.5, 0.0]]),
+                      torch.tensor([[0.0, 5.0, 0.0]]))
+    assert not out.requires_grad
+    with pytest.raises(FileNotFoundError, match="nope.hdr"):
+        EnvironmentLight(init=str(tmp_path / "nope.hdr"), **SMALL)
+    write_hdr(tmp_path / "square.hdr", probe[:, :32])
+    with pytest.raises(ValueError, match="twice as wide"):
+        EnvironmentLight(init=str(tmp_path / "square.hdr"), **SMALL)
+    with pytest.raises(ValueError, match="constant"):
+        EnvironmentLight(init="sky", **SMALL)
