@@ -215,7 +215,7 @@ class ReconSystem(L.LightningModule):
         out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=pass1, depth=want_depth,
                           generator=self.step_generator() if pass1 else None)
         kind = self.loss_cfg.get("background", "random")  # random: per-view noise, the same on any number of ranks
-        bg = (view_noise(batch["index"], self.global_step, *img.shape[1:3], seed=run_seed(), device=img.device)
+        bg = (view_noise(batch.get("views", batch["index"]), self.global_step, *img.shape[1:3], seed=run_seed(), device=img.device)
               if kind == "random" else background(kind, img.shape[:3], img.device))
         terms = self.losses(out, img, bg, batch.get("depth"))
         loss = terms["total"]

@@ -184,6 +184,11 @@ class NeRFDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", 1, shuffle=False)
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if torch.is_tensor(batch.get("index")):  # the views' indices as host ints, read here without a device sync
+            batch["views"] = batch["index"].tolist()
+        return batch
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if "split" not in batch:
             return batch
@@ -196,7 +201,8 @@ class NeRFDataModule(L.LightningDataModule):
             if ds.frames.depth is not None:
                 self._on_device[key]["depth"] = ds.frames.depth[..., None].to(index.device)
         data = self._on_device[key]
-        return {**{k: v[index] for k, v in data.items()}, "index": index}
+        out = {k: v.index_select(0, index) for k, v in data.items()}
+        return {**out, "index": index, **({"views": batch["views"]} if "views" in batch else {})}
 
 
 class _SplitIndices(torch.utils.data.Dataset):

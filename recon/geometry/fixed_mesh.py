@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from recon.geometry.mesh import Mesh, laplacian_loss
+from recon.geometry.mesh import Mesh, laplacian_loss, laplacian_uniform
 
 
 class FixedTopologyMesh(nn.Module):
@@ -23,6 +23,7 @@ class FixedTopologyMesh(nn.Module):
         self.register_buffer("uv", mesh.uv.detach().float().clone())
         self.register_buffer("uv_faces", mesh.uv_faces.detach().long().clone())
         self.offset = nn.Parameter(torch.zeros_like(self.initial_verts))
+        self._laplacian: Tensor | None = None  # built on first use, on the faces' device (the topology never changes)
 
     @classmethod
     def empty_like(cls, state: dict[str, Tensor], prefix: str = "") -> FixedTopologyMesh:
@@ -41,7 +42,10 @@ class FixedTopologyMesh(nn.Module):
 
     def laplacian_regularizer(self) -> Tensor:
         """nvdiffrec's relative Laplacian term: mean squared Laplacian of the offset (penalises local shape change)."""
-        return laplacian_loss(self.verts, self.faces, self.initial_verts)
+        lap = self._laplacian
+        if lap is None or lap.device != self.faces.device or lap.dtype != self.initial_verts.dtype:
+            lap = self._laplacian = laplacian_uniform(self.initial_verts.shape[0], self.faces, dtype=self.initial_verts.dtype)
+        return laplacian_loss(self.verts, self.faces, self.initial_verts, lap=lap)
 
     def extra_repr(self) -> str:
         return f"verts={self.initial_verts.shape[0]}, faces={self.faces.shape[0]}, uv={self.uv.shape[0]}"

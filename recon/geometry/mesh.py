@@ -38,7 +38,8 @@ def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
     acc = torch.zeros_like(verts)
     for corner in range(3):
         acc = acc.index_add(0, faces[:, corner], fn)
-    fallback = torch.tensor([0.0, 0.0, 1.0], dtype=verts.dtype, device=verts.device)
+    fallback = verts.new_zeros(3)
+    fallback[2] = 1.0  # +z, filled on the device (a tensor literal would be a host-to-device copy every call)
     acc = torch.where(_dot(acc, acc) > 1e-20, acc, fallback)
     return safe_normalize(acc)
 
@@ -114,14 +115,15 @@ def laplacian_uniform(verts_count: int, faces: Tensor, dtype: torch.dtype = torc
     return torch.sparse_coo_tensor(indices, values, (verts_count, verts_count), check_invariants=False).coalesce()
 
 
-def laplacian_loss(verts: Tensor, faces: Tensor, ref_verts: Tensor | None = None) -> Tensor:
+def laplacian_loss(verts: Tensor, faces: Tensor, ref_verts: Tensor | None = None, lap: Tensor | None = None) -> Tensor:
     """Mean squared uniform-Laplacian coordinates of `verts - ref_verts` (scalar).
 
     With `ref_verts` (same topology) this is nvdiffrec's "relative" Laplacian regularizer: it
     penalises changes of local shape rather than curvature itself; without, the absolute one.
+    lap: `laplacian_uniform(len(verts), faces)` when the caller keeps it (a fixed topology), else built here.
     """
     delta = verts if ref_verts is None else verts - ref_verts
-    lap = laplacian_uniform(verts.shape[0], faces, dtype=verts.dtype)
+    lap = laplacian_uniform(verts.shape[0], faces, dtype=verts.dtype) if lap is None else lap
     return torch.sparse.mm(lap, delta).pow(2).mean()
 
 

@@ -36,8 +36,8 @@ def _read_probe(path: str) -> Tensor:
 
 
 class _OperatorCache:
-    """Holds a derived sparse operator and the key it was built for; copies and pickles start empty (sparse CSR
-    tensors neither deep-copy nor need to travel: they are rebuilt on first use)."""
+    """Holds a derived operator (the sparse prefilter, the dense irradiance weights) and the key it was built for;
+    copies and pickles start empty (sparse CSR tensors neither deep-copy nor need to travel: rebuilt on first use)."""
 
     def __init__(self) -> None:
         self.key, self.value = None, None
@@ -178,6 +178,7 @@ class EnvironmentLight(nn.Module):
         self.specular: list[Tensor] | None = None
         self.diffuse: Tensor | None = None
         self._operator = _OperatorCache()  # the prefilter as a sparse matrix, see `_prefilter_operator`
+        self._irradiance_weights = _OperatorCache()  # the diffuse convolution as a dense matrix, see `_irradiance`
         if probe is not None:
             self.from_latlong(probe)
 
@@ -287,10 +288,13 @@ class EnvironmentLight(nn.Module):
     def _irradiance(self, cube: Tensor) -> Tensor:
         """Cosine-weighted convolution (normalised so a constant map stays constant) at the cube's resolution."""
         res = cube.shape[1]
-        dirs = cube_to_dir(res, cube.device).reshape(-1, 3)
-        w = (dirs @ dirs.T).clamp_min(0) * cube_texel_solid_angle(res, cube.device).repeat(6, 1, 1).reshape(1, -1)
-        w = w / w.sum(-1, keepdim=True)  # the quadrature of int cos dw = pi, exact for constant light
-        return (w.to(cube.dtype) @ cube.reshape(-1, cube.shape[-1])).reshape(cube.shape)
+        key = (res, str(cube.device), cube.dtype)
+        if self._irradiance_weights.key != key:  # a constant of the resolution: built once, not every step
+            dirs = cube_to_dir(res, cube.device).reshape(-1, 3)
+            w = (dirs @ dirs.T).clamp_min(0) * cube_texel_solid_angle(res, cube.device).repeat(6, 1, 1).reshape(1, -1)
+            w = w / w.sum(-1, keepdim=True)  # the quadrature of int cos dw = pi, exact for constant light
+            self._irradiance_weights.key, self._irradiance_weights.value = key, w.to(cube.dtype)
+        return (self._irradiance_weights.value @ cube.reshape(-1, cube.shape[-1])).reshape(cube.shape)
 
     def build_mips(self) -> None:
         """Rebuild the specular mip chain and diffuse irradiance cube from `base` (differentiably)."""

@@ -192,7 +192,7 @@ def render_pbr(
     n_shade = bend_normal(_normalize(view_pos - pos), n_shade, n_geom)
     color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
     values = torch.cat([color, mat["kd"], mat["ks"], n_shade] + ([mat["kd_grad"]] if "kd_grad" in mat else []), -1)
-    images = values.new_zeros(*n_pix, values.shape[-1]).index_put((mask,), values)
+    images = values.new_zeros(mask.numel(), values.shape[-1]).index_copy(0, sel, values).reshape(*n_pix, -1)
     gb["rgb"], gb["alpha"] = with_coverage(rasterizer, images[..., :3], gb, mesh.faces, antialias)
     gb["kd"], gb["ks"], gb["normal"] = images[..., 3:6], images[..., 6:9], images[..., 9:12]
     if "kd_grad" in mat:
