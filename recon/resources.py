@@ -52,18 +52,19 @@ PIXEL_BYTES = {  # per rendered pixel of a pass-1 step (G-buffers, shading, the 
     # quick-torch-hash-cuda-nvidia-h200.json (512^2 x 4, grid 64: 5.45 GiB) and nerf800-short-cuda-nvidia-h200.json
     # (800^2 x 8, grid 128: 24.4 GiB), both with the pure-PyTorch hash grid: the slope between the two runs
     "torch": 4409,
-    # with the Triton kernel and the index_select gathers, between quick-cuda-nvidia-h200.json (512^2 x 4, grid 64:
-    # 1.88 GiB, +13 % here) and scaling-nerf800-scaling-cuda-nvidia-h200.json's one-GPU run (800^2 x 8, grid 128:
-    # 9.28 GiB, -12 % here), with the same FIXED; the additive model cannot fit both closer
-    "triton": 1050,
+    # with the Triton kernel, nvdiffrast's cube-map lookups and the index_select gathers: quick-cuda-nvidia-h200.json
+    # (512^2 x 4, grid 64: 1.81 GiB, 734 B/px after the other terms) and nerf800-cuda-nvidia-h200.json (800^2 x 8,
+    # grid 128, the full 5000 + 5000 schedule: 6.87 GiB, 772 B/px), with the same FIXED
+    "triton": 760,
     # tiny-cuda-nn's fused encoding: not measured; the Triton kernel's figure (both keep no per-corner tensors)
-    "tcnn": 1050,
+    "tcnn": 760,
 }
 HOST_PIXEL_BYTES = 2000             # on a CPU (torch rasterizer and hash grid): the slope between two runs of
 #                                     `train.py experiment=cpu` (2 cores): 128^2 x 4 -> 1.43 GB and data.resolution=256
 #                                     data.batch_size=8 -> 2.40 GB peak resident memory
-PASS2_PIXEL_BYTES = 850             # pass 2 (texture lookups, no hash grid) is not measured apart: the Triton figure
-#                                     above (1050 B/px) bounds its pixels plus its texture, so at most 1050 - 200
+PASS2_PIXEL_BYTES = 600             # pass 2 (texture lookups, no hash grid) is not measured apart: the whole run's
+#                                     peak of nerf800-cuda-nvidia-h200.json (6.87 GiB) bounds pass 2's terms, which
+#                                     leaves at most 608 B per pixel
 GPU_FIXED_BYTES = 170_000_000       # the intercept of the two pure-PyTorch runs above (BSDF table, MLP, workspaces)
 HOST_FIXED_BYTES = 1_195_000_000    # cpu-small-cpu.json: 1.24 GB peak resident memory of the whole process (Python,
 #                                     torch, Lightning, export and evaluation) less its 0.05 GB of modelled terms

@@ -22,6 +22,7 @@ BENCH = ROOT / "bench" / "results"
     ("quick-cuda-nvidia-h200.json", "quick", "cuda:0", "triton", "peak_gpu_memory_bytes"),
     ("quick-torch-hash-cuda-nvidia-h200.json", "quick", "cuda:0", "torch", "peak_gpu_memory_bytes"),
     ("nerf800-short-cuda-nvidia-h200.json", "nerf800", "cuda:0", "torch", "peak_gpu_memory_bytes"),
+    ("nerf800-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes"),
     ("cpu-small-cpu.json", "cpu_small", "cpu", "torch", "peak_host_memory_bytes"),
 ])
 def test_estimate_reproduces_the_benchmark_runs(result, experiment, device, backend, measured):
