@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() and not any("accelerator=cpu" in o for o in a.overrides) else "cpu"
     result = measure(a.run_dir, relit_scene, device)
     result["learned_light_on_training_light_views"] = object_psnr(a.run_dir, train_scene, a.run_dir / "probe.hdr", device)
-    result["command"] = " ".join(cmd[1:])
+    result["command"] = " ".join(["train.py", *cmd[2:]])
     result["fit_seconds"] = round(fit_seconds, 1)
     result["metrics"] = {k: v for k, v in json.loads((a.run_dir / "metrics.json").read_text()).items() if k != "per_view"}
     text = json.dumps(result, indent=2)
