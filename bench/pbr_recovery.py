@@ -2,12 +2,16 @@
 
 Fits the built-in scene's PBR variant (uniform PBR_MATERIAL under the "sky" light), then measures from the files
 on disk:
-- the albedo, roughness and metalness of the exported textures (mean over the mesh's faces) against the truth;
+- the albedo, roughness and metalness of the exported textures (mean over the mesh's faces) against the truth,
+  and the diffuse reflectance kd * (1 - metallic) (what the diffuse term of the shading sees);
 - relighting: the export rendered under the *other* known light ("sunset", its probe given to recon.eval) against
   the ground-truth renders under that light, PSNR on the object's pixels; raw, and after one global scale
   (albedo and light intensity are ambiguous up to a factor: a brighter light with a darker albedo gives the same
   photos, so a relit render can only be right up to that factor); and, as the baseline relighting must beat,
   the export rendered under its own learned light against the same sunset images, with the same alignment.
+With ``--known-light`` the fit is given the sky probe and keeps it fixed (``model.light.init=<scene>/light.hdr
+model.light.trainable=false``): only geometry and materials are fitted, which makes the materials well posed; the
+run's probe.hdr is then the sky probe, so the baseline is the export under the wrong (training) light.
 Writes a JSON (``--out``) and prints it.
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -83,10 +88,13 @@ def measure(run_dir: Path, relit_scene: Path, device: str = "cpu", backend: str 
     export = load_export(run_dir, device)
     means = face_means(export)
     truth = PBR_MATERIAL
+    diffuse = [k * (1 - means["ks"][2]) for k in means["kd"]]
+    true_diffuse = [k * (1 - truth["metallic"]) for k in truth["kd"]]
     return {
         "truth": truth, "recovered": {"kd": means["kd"], "occlusion": means["ks"][0], "roughness": means["ks"][1],
-                                      "metallic": means["ks"][2]},
+                                      "metallic": means["ks"][2], "diffuse": diffuse},
         "error": {"kd_max_abs": max(abs(a - b) for a, b in zip(means["kd"], truth["kd"])),
+                  "diffuse_max_abs": max(abs(a - b) for a, b in zip(diffuse, true_diffuse)),
                   "roughness": means["ks"][1] - truth["roughness"], "metallic": means["ks"][2] - truth["metallic"]},
         "relit": object_psnr(run_dir, relit_scene, relit_scene / "light.hdr", device, backend),
         "learned_light_on_relit_views": object_psnr(run_dir, relit_scene, run_dir / "probe.hdr", device, backend),
@@ -100,18 +108,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--views", type=int, default=48)
     ap.add_argument("--run-dir", type=Path, default=Path("outputs/pbr_recovery"))
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the result")
+    ap.add_argument("--known-light", action="store_true",
+                    help="fit under the scene's own probe, kept fixed (model.light.init=<scene>/light.hdr, "
+                         "model.light.trainable=false): only geometry and materials are recovered")
     ap.add_argument("overrides", nargs="*", help="extra train.py overrides")
     a = ap.parse_intermixed_args(argv)  # options and overrides in any order
-    scene = dict(resolution=a.resolution, n_train=a.views, n_val=2, n_test=8, shading="pbr")
-    train_scene, relit_scene = builtin_scene(**scene, light="sky"), builtin_scene(**scene, light="sunset")
+    scene = dict(resolution=a.resolution, n_val=2, n_test=8, shading="pbr")
+    train_scene = builtin_scene(**scene, n_train=a.views, light="sky")
+    relit_scene = builtin_scene(**scene, n_train=1, light="sunset")  # only its test views are used: the same cameras
     cmd = [sys.executable, str(ROOT / "train.py"), "experiment=cpu", f"hydra.run.dir={a.run_dir}",
            f"data.resolution={a.resolution}", "data.builtin.shading=pbr", f"data.builtin.n_train={a.views}",
-           "data.builtin.n_val=2", "data.builtin.n_test=8", "callbacks.progress.refresh_rate=0", *a.overrides]
+           "data.builtin.n_val=2", "data.builtin.n_test=8", "callbacks.progress.refresh_rate=0"]
+    if a.known_light:
+        cmd += [f"model.light.init={train_scene / 'light.hdr'}", "model.light.trainable=false"]
+    cmd += a.overrides
+    start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    fit_seconds = time.perf_counter() - start
     device = "cuda" if torch.cuda.is_available() and not any("accelerator=cpu" in o for o in a.overrides) else "cpu"
     result = measure(a.run_dir, relit_scene, device)
     result["learned_light_on_training_light_views"] = object_psnr(a.run_dir, train_scene, a.run_dir / "probe.hdr", device)
-    result["command"] = " ".join(cmd[1:])
+    result["command"] = " ".join(["train.py", *cmd[2:]])
+    result["fit_seconds"] = round(fit_seconds, 1)
     result["metrics"] = {k: v for k, v in json.loads((a.run_dir / "metrics.json").read_text()).items() if k != "per_view"}
     text = json.dumps(result, indent=2)
     print(text)
