@@ -286,6 +286,9 @@ class ReconSystem(L.LightningModule):
         mesh = unwrap(mesh, resolution=res, chunk_faces=int(self.bake_cfg.get("unwrap_chunk_faces", 6000))).with_tangents()
         t3 = time.perf_counter()
         tex = bake_pbr_textures(self.rasterizer, mesh, self.material.sample, res)
+        if not self.perturb_normal:  # the normal channels were never trained: export the unperturbed normal
+            tex[..., 6:9] = 0.0
+            tex[..., 8] = 1.0
         self.bake_stats = {
             "extracted_triangles": int(full.faces.shape[0]), "visible_triangles": visible,
             "exported_triangles": int(mesh.faces.shape[0]), "cull_seconds": t1 - t0, "simplify_seconds": t2 - t1,
