@@ -24,8 +24,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.run import (_fmt, _table, compose_config, config_summary, device_label, experiment_name,  # noqa: E402
-                       git_commit, run_end_to_end)
+from bench.run import _fmt, _table, compose_config, config_summary, device_label, experiment_name, git_commit, run_end_to_end  # noqa: E402
 from recon.export.obj import atomic_write_bytes  # noqa: E402
 
 # NVLink multicast (NVLS) stays off: the machines this runs on share their GPUs, and a program using multicast can

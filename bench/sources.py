@@ -5,7 +5,8 @@ as multi-view renders with depth (the writers of the data tests), fits each with
 6 views of the multi-view layout with and without `model.loss.depth_weight`. Chamfer-L1 is measured against the
 ground-truth mesh in the input's coordinates (the exports are written back through the scene normalization).
 `photos`: 36 unposed 320 px photos of the object (the SfM test's speckled texture, which SIFT needs), posed by
-structure from motion and fitted at 128 px, against the same photos with their true poses (the baseline); SfM's frame is the truth's up to a similarity, so the ground truth is
+structure from motion and fitted at 128 px, against the same photos with their true poses (the baseline); SfM's frame
+is the truth's up to a similarity, so the ground truth is
 carried into it (Umeyama on the camera centres) before `recon.eval` measures chamfer.
 """
 from __future__ import annotations

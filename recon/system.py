@@ -19,9 +19,9 @@ from torch import Tensor
 from recon.color import linear_to_srgb, tonemap_srgb
 from recon.data.depth import depth_loss
 from recon.data.sampler import run_seed
-from recon.gather import masked_rows
 from recon.export.cleanup import cull_invisible
 from recon.export.uv_bake import bake_pbr_textures, simplify, unwrap
+from recon.gather import masked_rows
 from recon.geometry.dmtet import DMTetGeometry
 from recon.geometry.fixed_mesh import FixedTopologyMesh
 from recon.geometry.mesh import Mesh

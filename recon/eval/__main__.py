@@ -1,4 +1,7 @@
-"""``python -m recon.eval RUN_DIR [--data PATH] [--gt-mesh PATH] [--light HDR] [--mesh mesh.glb] [--json]``: metrics of an exported reconstruction."""
+"""Metrics of an exported reconstruction.
+
+``python -m recon.eval RUN_DIR [--data PATH] [--gt-mesh PATH] [--light HDR] [--mesh mesh.glb] [--json]``
+"""
 import argparse
 import json
 import sys

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon.export.obj import atomic_write_bytes, png_bytes, texture_to_srgb8
+from recon.export.obj import atomic_write_bytes, image_tensor, png_bytes, texture_to_srgb8
 from recon.geometry.mesh import Mesh, compute_tangents, tangent_handedness, vertex_normals
 
 # glTF 2.0 enums (spec section 5: accessor.componentType, bufferView.target, sampler filters and wraps).
@@ -215,22 +215,20 @@ def load_glb(path: str | Path, device: str | torch.device = "cpu") -> tuple[Mesh
     if not isinstance(visual, trimesh.visual.TextureVisuals) or visual.uv is None or material is None:
         raise ValueError(f"{path} has no texture coordinates or material: not a textured recon export.")
 
-    def image(img, name: str) -> Tensor | None:
-        if img is None:
-            return None
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-        return torch.as_tensor(arr, device=device)[None].contiguous()
+    def image(name: str) -> Tensor | None:
+        img = getattr(material, name, None)
+        return None if img is None else image_tensor(img, device)
 
-    kd = image(getattr(material, "baseColorTexture", None), "baseColorTexture")
+    kd = image("baseColorTexture")
     if kd is None:
         raise ValueError(f"{path} has no baseColorTexture: the export is incomplete.")
     maps = {"kd": srgb_to_linear(kd).contiguous()}
-    mr = image(getattr(material, "metallicRoughnessTexture", None), "metallicRoughnessTexture")
+    mr = image("metallicRoughnessTexture")
     if mr is not None:  # glTF: roughness in G, metallic in B; occlusion (1 = unoccluded) in R of its own texture
-        occ = image(getattr(material, "occlusionTexture", None), "occlusionTexture")
+        occ = image("occlusionTexture")
         occlusion = 1 - occ[..., 0:1] if occ is not None else torch.zeros_like(mr[..., 0:1])
         maps["ks"] = torch.cat([occlusion, mr[..., 1:3]], -1).contiguous()
-    nrm = image(getattr(material, "normalTexture", None), "normalTexture")
+    nrm = image("normalTexture")
     if nrm is not None:
         maps["nrm"] = (nrm * 2 - 1).contiguous()
     uv = np.asarray(visual.uv, dtype=np.float32).copy()

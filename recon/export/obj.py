@@ -161,6 +161,13 @@ def load_pbr_maps(obj_path: str | Path, device: str | torch.device = "cpu") -> d
     return out
 
 
+def image_tensor(image, device: str | torch.device = "cpu") -> Tensor:
+    """A PIL image (as trimesh hands out textures) as [1,H,W,3] float32 in [0,1], values as stored (no colour
+    conversion)."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.as_tensor(arr, device=device)[None].contiguous()
+
+
 def load_textured_obj(path: str | Path, device: str | torch.device = "cpu") -> tuple[Mesh, Tensor | None]:
     """Load an OBJ with its ``map_Kd`` texture via trimesh.
 
@@ -185,7 +192,6 @@ def load_textured_obj(path: str | Path, device: str | torch.device = "cpu") -> t
         uv = torch.as_tensor(uv_np, device=device)
         image = getattr(visual.material, "baseColorTexture", None) or getattr(visual.material, "image", None)
         if image is not None:
-            arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-            texture = srgb_to_linear(torch.as_tensor(arr, device=device))[None].contiguous()
+            texture = srgb_to_linear(image_tensor(image, device)).contiguous()
     mesh = Mesh(verts=verts, faces=faces, uv=uv, uv_faces=faces if uv is not None else None)
     return mesh, texture

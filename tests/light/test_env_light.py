@@ -177,9 +177,8 @@ def test_light_from_a_probe_file_and_fixed(tmp_path):
     the gradients; a missing or misshapen probe is named."""
     import pytest
 
-    from recon.export.hdr import write_hdr
-
     from recon.data.synthetic_scene import pbr_light_latlong
+    from recon.export.hdr import write_hdr
 
     probe = pbr_light_latlong("sky", 32)
     write_hdr(tmp_path / "probe.hdr", probe)
