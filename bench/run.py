@@ -318,6 +318,12 @@ def _table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def _before_fit_seconds(r: dict) -> float | None:
+    """Seconds from the process start to the fit's start: time to the mesh less fitting and export."""
+    parts = (r.get("mesh_seconds"), r.get("fit_seconds"), r.get("export_seconds"))
+    return None if None in parts else parts[0] - parts[1] - parts[2]
+
+
 def result_markdown(r: dict) -> str:
     """One preset's result: the summary row, then the stage table (median / p90 ms per training step, each pass)."""
     p2 = r.get("pass2")
@@ -335,6 +341,11 @@ def result_markdown(r: dict) -> str:
               f"{_fmt(r.get('pass2_seconds'), '.1f')} s; at the boundary: "
               + ", ".join(f"{k.replace('_seconds', '')} {_fmt(v, '.1f')} s" for k, v in (r.get("bake_seconds") or {}).items())
               + "." if r.get("pass1_seconds") is not None else "")
+    before = _before_fit_seconds(r)
+    if before is not None:
+        passes += (f" Before the first step {before:.1f} s (imports, data, compiling; "
+                   + ("warm start: scene cached, plugin and kernels compiled by an earlier run" if r.get("warm_start")
+                      else "cold start") + ").")
     return (f"## {r['preset']} on {r['device']} ({r.get('device_name') or ''}, torch {r['torch']}, "
             f"commit {(r.get('git_commit') or 'unknown')[:10]})\n\n" + _table(SUMMARY_HEADER, [summary_row(r)]) + passes
             + f"\n\nPer-stage time of one training step ({r.get('profile_steps')} steps after warm-up"
@@ -347,7 +358,7 @@ def write_result(r: dict, out_dir: Path) -> tuple[Path, Path]:
     missing = [k for k in RESULT_KEYS if k not in r]
     if missing:
         raise ValueError(f"benchmark result lacks {missing}")
-    stem = f"{r['preset']}-{r['device']}"
+    stem = f"{r.get('name') or r['preset']}-{r['device']}"
     jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     atomic_write_bytes(jpath, (json.dumps(r, indent=2) + "\n").encode())
     atomic_write_bytes(mpath, result_markdown(r).encode())
@@ -373,9 +384,22 @@ def write_summary(out_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- main
+WARM_START_OVERRIDES = ("model.pass1_steps=20", "model.pass2_steps=20", "trainer.val_check_interval=10",
+                        "callbacks.mesh_export.eval_samples=1000")
+
+
+def warm_start(preset: str, overrides: list[str]) -> float:
+    """Run ``preset`` for 20 + 20 steps and throw the run away: what any earlier run on the machine leaves behind
+    (the built-in scene in the cache, nvdiffrast's compiled plugin, Triton's and Inductor's kernel caches).
+    Returns its wall seconds."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-warm-{preset}-") as tmp:
+        return run_end_to_end(preset, Path(tmp) / "run", [*overrides, *WARM_START_OVERRIDES])["wall_seconds"]
+
+
 def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, run_dir: Path | None,
-                 overrides: list[str]) -> dict:
+                 overrides: list[str], warm: bool = False, name: str | None = None) -> dict:
     cfg = compose_config(preset, overrides)
+    warm_seconds = warm_start(preset, overrides) if warm else None
     if run_dir is None:
         with tempfile.TemporaryDirectory(prefix=f"bench-{preset}-") as tmp:
             e2e = run_end_to_end(preset, Path(tmp) / "run", overrides)
@@ -384,6 +408,7 @@ def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, ru
         e2e = run_end_to_end(preset, run_dir / preset, overrides)
         prof = profile_stages(cfg, steps=profile_steps, warmup=warmup, run_dir=run_dir / preset)
     r = assemble_result(preset, cfg, e2e, prof)
+    r["warm_start"], r["warm_start_seconds"], r["name"] = warm, warm_seconds, name or preset
     jpath, _ = write_result(r, out_dir)
     print(result_markdown(r))
     print(f"wrote {jpath} and {jpath.with_suffix('.md')}")
@@ -400,12 +425,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="keep the training runs in RUN_DIR/<preset> (default: a temporary folder, deleted)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra Hydra override for both the run and the profile (repeatable)")
+    ap.add_argument("--warm-start", action="store_true",
+                    help="first run the preset for a few steps, so the timed run finds the scene cached and the CUDA "
+                         "plugin and kernels compiled, as every run after a machine's first does")
+    ap.add_argument("--name", default=None, help="result file name (default: the preset's)")
     args = ap.parse_args(argv)
     for preset in args.presets:
         if not (ROOT / "conf" / "experiment" / f"{experiment_name(preset)}.yaml").is_file():
             ap.error(f"unknown preset {preset!r}: no conf/experiment/{experiment_name(preset)}.yaml")
     for preset in args.presets:
-        bench_preset(preset, args.out, args.profile_steps, args.warmup, args.run_dir, args.override)
+        bench_preset(preset, args.out, args.profile_steps, args.warmup, args.run_dir, args.override, args.warm_start,
+                     args.name)
     print(f"summary: {write_summary(args.out)}")
 
 

@@ -100,6 +100,7 @@ class LightConfig:
 @dataclass
 class RenderConfig:
     backend: str = "auto"                 # auto | torch | nvdiffrast
+    compile: str = "auto"                 # torch.compile the shading and losses: auto (CUDA) | on | off
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from recon import compiled
 from recon.color import linear_to_srgb, tonemap_srgb
 from recon.data.depth import depth_loss
 from recon.data.sampler import run_seed
@@ -26,6 +27,7 @@ from recon.geometry.dmtet import DMTetGeometry
 from recon.geometry.fixed_mesh import FixedTopologyMesh
 from recon.geometry.mesh import Mesh
 from recon.light import EnvironmentLight
+from recon.losses import composite, image_losses
 from recon.materials.pbr import NeuralPBRMaterial, TexturePBRMaterial, channel_bounds
 from recon.render import make_rasterizer
 from recon.render.background import view_noise
@@ -90,6 +92,7 @@ class ReconSystem(L.LightningModule):
         self.surface: FixedTopologyMesh | None = None  # pass 2
         self.textures: TexturePBRMaterial | None = None
         self.render_cfg, self.loss_cfg, self.optim_cfg, self.bake_cfg = dict(render), dict(loss), dict(optim), dict(bake)
+        compiled.set_mode(self.render_cfg.get("compile", "auto"))
         self.pass1_steps, self.pass2_steps = int(pass1_steps), int(pass2_steps)
         if self.pass1_steps <= 0 or self.pass2_steps < 0:
             raise ValueError(f"model.pass1_steps={pass1_steps} must be > 0 and model.pass2_steps={pass2_steps} >= 0.")
@@ -157,9 +160,7 @@ class ReconSystem(L.LightningModule):
 
     def composite(self, out: dict, img: Tensor, bg: Tensor) -> tuple[Tensor, Tensor]:
         """Rendered and reference colours over the same background, [B,H,W,3] linear."""
-        color = out["rgb"] + (1 - out["alpha"]) * bg
-        ref = img[..., :3] * img[..., 3:] + (1 - img[..., 3:]) * bg
-        return color, ref
+        return composite(out["rgb"], out["alpha"], img, bg)
 
     # ------------------------------------------------------------------------------------------ steps
     def losses(self, out: dict, img: Tensor, bg: Tensor, depth: Tensor | None = None) -> dict:
@@ -169,16 +170,13 @@ class ReconSystem(L.LightningModule):
         SDF sign-change regulariser, pass 2 the relative Laplacian fading out; both the albedo-smoothness and
         occlusion regularisers (ramped in over ``reg_ramp_steps``) and the light's white-balance prior; with
         reference ``depth`` [B,H,W,1] (0 = unknown) and ``depth_weight`` > 0 an L1 depth term.
-        Returns the terms, their weighted ``total`` and the composited ``composited``/``reference`` images.
+        Returns the terms and their weighted ``total``.
         """
         c = self.loss_cfg
-        color, ref = self.composite(out, img, bg)
         ref_a = img[..., 3:]
         ramp = min(1.0, self.pass_step / max(1, c.get("reg_ramp_steps", 500)))
-        terms = {
-            "color": F.l1_loss(tonemap_srgb(color * ref_a), tonemap_srgb(ref * ref_a)),
-            "alpha": F.mse_loss(out["alpha"], ref_a),
-        }
+        color_loss, alpha_loss = image_losses(out["rgb"], out["alpha"], img, bg)
+        terms = {"color": color_loss, "alpha": alpha_loss}
         weights = {"color": 1.0, "alpha": c.get("alpha_weight", 1.0)}
         if self.surface is None:
             terms["sdf"], weights["sdf"] = self.geometry.sdf_regularizer(), self.sdf_weight()
@@ -196,7 +194,7 @@ class ReconSystem(L.LightningModule):
             terms["depth"] = depth_loss(out["depth"], depth, out["alpha"], ref_a)
             weights["depth"] = c["depth_weight"]
         terms["total"] = sum(weights[k] * terms[k] for k in weights)
-        return {**terms, "composited": color, "reference": ref}
+        return terms
 
     def step_generator(self) -> torch.Generator:
         """A generator for this step's random draws, seeded from (seed, step, rank) alone: a run resumed from a
@@ -221,10 +219,10 @@ class ReconSystem(L.LightningModule):
         loss = terms["total"]
         self._step_terms = terms  # checked for non-finite values with the gradients: one host sync per step
         if self._logs_this_step():
-            names = [k for k in terms if k not in ("total", "composited", "reference")]
+            names = [k for k in terms if k != "total"]
             with torch.no_grad():
-                train_psnr = psnr(linear_to_srgb(terms["composited"]).clamp(0, 1),
-                                  linear_to_srgb(terms["reference"]).clamp(0, 1))
+                color, ref = self.composite(out, img, bg)
+                train_psnr = psnr(linear_to_srgb(color).clamp(0, 1), linear_to_srgb(ref).clamp(0, 1))
             logs = {f"train/loss_{k}": terms[k] for k in names}
             logs.update({"train/loss": loss, "train/psnr": train_psnr, "train/triangles": float(out["mesh"].faces.shape[0]),
                          "train/pass": float(self.current_pass)})
@@ -414,7 +412,7 @@ class ReconSystem(L.LightningModule):
             return
         skip = self.optim_cfg.get("skip_nonfinite", False)
         if terms is not None and not bool(terms["total"].isfinite()):
-            names = [k for k in terms if k not in ("total", "composited", "reference")]
+            names = [k for k in terms if k != "total"]
             values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names)
             what = f"non-finite loss at step {self.global_step} (pass {self.current_pass}: {values})"
         else:

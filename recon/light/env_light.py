@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from recon.compiled import fused
 from recon.light.bsdf import ggx_lut, ggx_ndf, hammersley, importance_sample_ggx, lookup_lut
 from recon.render.cube import cube_taps, cube_to_dir, dir_to_cube, normalize, sample_cube, sample_cube_mips
 
@@ -129,6 +130,44 @@ def sample_latlong(img: Tensor, dirs: Tensor) -> Tensor:
     return (img[y0, x0] * (1 - fx) + img[y0, x1] * fx) * (1 - fy) + (img[y1, x0] * (1 - fx) + img[y1, x1] * fx) * fy
 
 
+def _mip_level(roughness: Tensor, n_levels: int, min_roughness: float, max_roughness: float) -> Tensor:
+    """Fractional specular mip level for roughness [...] (nvdiffrec's ``get_mip``): linear in roughness over the
+    prefiltered levels 0..n-2, then towards the roughness-1 level n-1."""
+    if n_levels == 1:
+        return torch.zeros_like(roughness)
+    lo = (roughness.clamp(min_roughness, max_roughness) - min_roughness) / (max_roughness - min_roughness) * max(
+        n_levels - 2, 0)
+    hi = (roughness.clamp(max_roughness, 1.0) - max_roughness) / (1.0 - max_roughness) + n_levels - 2
+    return torch.where(roughness < max_roughness, lo, hi).clamp(0, n_levels - 1)
+
+
+@fused
+def _split_sum_inputs(pos: Tensor, n: Tensor, kd: Tensor, arm: Tensor, view_pos: Tensor, specular: bool,
+                      n_levels: int, min_roughness: float, max_roughness: float):
+    """What the lookups of `EnvironmentLight.shade` need: diffuse and specular colours, n.v, the reflected
+    direction and the specular mip level (the last four None without ``specular``)."""
+    if not specular:
+        return kd, None, None, None, None
+    wo = normalize(view_pos - pos)
+    roughness, metallic = arm[..., 1:2], arm[..., 2:3]
+    spec_col = (1 - metallic) * 0.04 + kd * metallic
+    diff_col = kd * (1 - metallic)
+    n_dot_v = (wo * n).sum(-1, keepdim=True).clamp_min(1e-4)
+    reflvec = normalize(2 * n_dot_v * n - wo)
+    mip = _mip_level(roughness, n_levels, min_roughness, max_roughness)[..., 0]
+    return diff_col, spec_col, n_dot_v, reflvec, mip
+
+
+@fused
+def _split_sum_combine(irradiance: Tensor, diff_col: Tensor, spec: Tensor | None, spec_col: Tensor | None,
+                       fg: Tensor | None, arm: Tensor) -> Tensor:
+    """(irradiance * diffuse colour + prefiltered * (F0 * scale + bias)) * (1 - occlusion)."""
+    shaded = irradiance * diff_col
+    if spec is not None:
+        shaded = shaded + spec * (spec_col * fg[..., 0:1] + fg[..., 1:2])
+    return shaded * (1 - arm[..., 0:1])
+
+
 class EnvironmentLight(nn.Module):
     """nvdiffrec's learnable environment light: an HDR cube map shading with the split-sum approximation.
 
@@ -202,14 +241,7 @@ class EnvironmentLight(nn.Module):
 
     def get_mip(self, roughness: Tensor) -> Tensor:
         """Fractional specular mip level for roughness [...] (nvdiffrec's mapping)."""
-        n = self.num_levels
-        if n == 1:
-            return torch.zeros_like(roughness)
-        lo = (roughness.clamp(self.min_roughness, self.max_roughness) - self.min_roughness) / (
-            self.max_roughness - self.min_roughness
-        ) * max(n - 2, 0)
-        hi = (roughness.clamp(self.max_roughness, 1.0) - self.max_roughness) / (1.0 - self.max_roughness) + n - 2
-        return torch.where(roughness < self.max_roughness, lo, hi).clamp(0, n - 1)
+        return _mip_level(roughness, self.num_levels, self.min_roughness, self.max_roughness)
 
     def _prefilter_taps(self, chain_res: list[int], offsets: list[int], level: int, roughness: float,
                         device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -332,28 +364,22 @@ class EnvironmentLight(nn.Module):
             raise RuntimeError("EnvironmentLight.shade needs mips: call light.build_mips() after each base update.")
         if view_pos.dim() == 2 and gb_pos.dim() > 2 and view_pos.shape[0] == gb_pos.shape[0]:
             view_pos = view_pos.reshape(view_pos.shape[0], *([1] * (gb_pos.dim() - 2)), 3)
-        wo = normalize(view_pos - gb_pos)
-        n = gb_normal
-        if specular:
-            roughness, metallic = arm[..., 1:2], arm[..., 2:3]
-            spec_col = (1 - metallic) * 0.04 + kd * metallic
-            diff_col = kd * (1 - metallic)
-        else:
-            diff_col = kd
+        levels = (self.num_levels, self.min_roughness, self.max_roughness)
+        diff_col, spec_col, n_dot_v, reflvec, mip = _split_sum_inputs(gb_pos, gb_normal, kd, arm, view_pos, specular,
+                                                                      *levels)
         cube_lookup = sample_cube_mips if rasterizer is None else rasterizer.cube_texture
-        shaded = cube_lookup([self.diffuse], n) * diff_col
-        if specular:
-            n_dot_v = (wo * n).sum(-1, keepdim=True).clamp_min(1e-4)
-            reflvec = normalize(2 * n_dot_v * n - wo)
-            if rasterizer is None:
-                fg = lookup_lut(self.lut, n_dot_v[..., 0], roughness[..., 0])
-            else:  # the table's rows are n.v, its columns roughness: uv = (roughness, n.v)
-                uv = torch.cat([roughness, n_dot_v], -1).reshape(1, -1, 1, 2)
-                fg = rasterizer.texture(self.lut[None], uv, filter_mode="linear", boundary_mode="clamp")
-                fg = fg.reshape(*roughness.shape[:-1], -1)
-            spec = cube_lookup(self.specular, reflvec, self.get_mip(roughness)[..., 0])
-            shaded = shaded + spec * (spec_col * fg[..., 0:1] + fg[..., 1:2])
-        return shaded * (1 - arm[..., 0:1])
+        irradiance = cube_lookup([self.diffuse], gb_normal)
+        if not specular:
+            return _split_sum_combine(irradiance, diff_col, None, None, None, arm)
+        roughness = arm[..., 1:2]
+        if rasterizer is None:
+            fg = lookup_lut(self.lut, n_dot_v[..., 0], roughness[..., 0])
+        else:  # the table's rows are n.v, its columns roughness: uv = (roughness, n.v)
+            uv = torch.cat([roughness, n_dot_v], -1).reshape(1, -1, 1, 2)
+            fg = rasterizer.texture(self.lut[None], uv, filter_mode="linear", boundary_mode="clamp")
+            fg = fg.reshape(*roughness.shape[:-1], -1)
+        spec = cube_lookup(self.specular, reflvec, mip)
+        return _split_sum_combine(irradiance, diff_col, spec, spec_col, fg, arm)
 
     def regularizer(self) -> Tensor:
         """nvdiffrec's white-balance prior: mean |base - grey(base)| (penalises coloured light)."""

@@ -4,7 +4,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from recon.compiled import fused
 from recon.materials.hash_grid import HashGridEncoding
+
+
+@fused
+def _decode(net: nn.Module, features: Tensor, min_max: Tensor) -> Tensor:
+    """The MLP and its squashing into [min, max] per channel (one fused function, see `recon.compiled`)."""
+    return torch.sigmoid(net(features)) * (min_max[1] - min_max[0]) + min_max[0]
 
 
 class MLPTexture3D(nn.Module):
@@ -78,9 +85,7 @@ class MLPTexture3D(nn.Module):
         lead = points.shape[:-1]
         p = points.reshape(-1, 3).to(self.aabb.dtype)
         unit = ((p - self.aabb[0]) / (self.aabb[1] - self.aabb[0])).clamp(0.0, 1.0)
-        y = self.net(self.encoder(unit).to(self.net[0].weight.dtype))
-        lo, hi = self.min_max[0], self.min_max[1]
-        out = torch.sigmoid(y) * (hi - lo) + lo
+        out = _decode(self.net, self.encoder(unit).to(self.net[0].weight.dtype), self.min_max)
         return out.reshape(*lead, self.channels)
 
     def forward(self, points: Tensor) -> Tensor:

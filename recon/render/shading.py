@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from recon.compiled import fused
 from recon.gather import mask_index, masked_rows, take_rows
 from recon.geometry.mesh import Mesh
 from recon.render.camera import transform_pos
@@ -133,6 +134,18 @@ def bend_normal(view: Tensor, shading: Tensor, geometric: Tensor, two_sided: boo
     return torch.lerp(geometric, shading, t)
 
 
+@fused
+def shading_normal(nrm_ts: Tensor | None, smooth: Tensor, geometric: Tensor, pos: Tensor, view_pos: Tensor,
+                   tangent: Tensor | None = None, handedness: Tensor | float = 1.0) -> Tensor:
+    """The normal a pixel is shaded with: the interpolated normal ``smooth`` [N,3] (any length), perturbed by the
+    tangent-space ``nrm_ts`` [N,3] (None: unperturbed) in the frame of ``tangent`` (None: `reference_tangent`),
+    then bent towards the unit ``geometric`` normal where it faces away from the camera at ``view_pos`` [N,3]."""
+    n = _normalize(smooth)
+    if nrm_ts is not None:
+        n = perturb_normal(nrm_ts, n, reference_tangent(n) if tangent is None else tangent, handedness)
+    return bend_normal(_normalize(view_pos - pos), n, geometric)
+
+
 def render_pbr(
     rasterizer,
     mesh: Mesh,
@@ -170,17 +183,15 @@ def render_pbr(
         return masked_rows(t, sel, mask.dim())
 
     pos = covered(gb["gb_pos"])
-    n_smooth = _normalize(covered(smooth))
     tri = covered(gb["rast"][..., 3]).long() - 1
     n_geom = take_rows(_normalize(face_normals(mesh.verts, mesh.faces)), tri)
-    if mesh.tangents is not None:
+    tangent, hand = None, 1.0
+    if mesh.tangents is not None and perturb:
         frame = mesh.tangents if mesh.handedness is None else torch.cat([mesh.tangents, mesh.handedness], -1)
         frame, _ = rasterizer.interpolate(frame, gb["rast"], mesh.faces)
         frame = covered(frame)
         tangent = frame[..., :3]
         hand = torch.where(frame[..., 3:4] < 0, -1.0, 1.0) if frame.shape[-1] == 4 else 1.0
-    else:
-        tangent, hand = reference_tangent(n_smooth), 1.0
     view_pos = take_rows(cam_pos, sel // (n_pix[1] * n_pix[2]))
     if mark is not None:
         mark()
@@ -188,8 +199,7 @@ def render_pbr(
     mat = {k: (covered(v) if v.dim() == 4 else v) for k, v in mat.items()}
     if mark is not None:
         mark()
-    n_shade = perturb_normal(mat["nrm"], n_smooth, tangent, hand) if perturb else n_smooth
-    n_shade = bend_normal(_normalize(view_pos - pos), n_shade, n_geom)
+    n_shade = shading_normal(mat["nrm"] if perturb else None, covered(smooth), n_geom, pos, view_pos, tangent, hand)
     color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
     values = torch.cat([color, mat["kd"], mat["ks"], n_shade] + ([mat["kd_grad"]] if "kd_grad" in mat else []), -1)
     images = values.new_zeros(mask.numel(), values.shape[-1]).index_copy(0, sel, values).reshape(*n_pix, -1)

@@ -1,0 +1,102 @@
+"""``torch.compile`` for the elementwise-heavy pure functions of a training step (shading, material decode, losses).
+
+A training step at 800 px runs a few hundred small elementwise kernels over millions of pixels (normal bending,
+the split-sum terms, the tonemapped loss); each reads and writes whole images. Compiled, the ones of a function
+fuse into a few kernels, forward and backward, and the host launches far fewer. The functions stay plain torch:
+`fused` wraps one and decides per call whether the compiled version runs.
+
+Modes (`set_mode`, ``model.render.compile`` in the config, or the ``RECON_COMPILE`` environment variable):
+  ``auto`` compile for CUDA tensors when Triton imports (the CPU stays eager: no C++ compiler is assumed);
+  ``on``   compile on any device; ``off`` never compile.
+A function whose compilation fails runs eagerly from then on, with one warning naming it; an error the eager
+function raises as well is raised as it is. Shapes are dynamic (the covered-pixel count changes every step), so a
+function compiles once per process; Inductor's on-disk cache makes later processes start in seconds.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Callable, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "on", "off")
+F = TypeVar("F", bound=Callable)
+
+_state = {"mode": os.environ.get("RECON_COMPILE", "auto"), "backend": "inductor"}
+_registry: list = []  # every fused function, to drop compiled versions when the mode changes
+
+
+def set_mode(mode: str | bool, backend: str = "inductor") -> None:
+    """Select when `fused` functions run compiled: 'auto', 'on' or 'off' (True/False mean on/off).
+
+    backend: torch.compile's backend ('inductor' generates kernels; 'aot_eager' only traces, for tests)."""
+    if isinstance(mode, bool):
+        mode = "on" if mode else "off"
+    mode = str(mode).lower()
+    if mode not in MODES:
+        raise ValueError(f"model.render.compile={mode!r}: use one of {', '.join(MODES)}.")
+    if (mode, backend) != (_state["mode"], _state["backend"]):
+        for f in _registry:
+            f.reset()
+    _state["mode"], _state["backend"] = mode, backend
+
+
+def get_mode() -> str:
+    return _state["mode"]
+
+
+@functools.cache
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401, PLC0415
+
+        return True
+    except Exception:  # not installed, or a build that fails to load
+        return False
+
+
+def _wants_compile(args) -> bool:
+    mode = _state["mode"]
+    if mode == "off" or torch.compiler.is_compiling():
+        return False
+    if mode == "on":
+        return True
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return first is not None and first.is_cuda and _triton_ok()
+
+
+class _Fused:
+    """A function that runs through torch.compile when `_wants_compile` says so, eagerly otherwise."""
+
+    def __init__(self, fn: Callable) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.reset()
+        _registry.append(self)
+
+    def reset(self) -> None:
+        self.compiled, self.failed = None, False
+
+    def __call__(self, *args, **kwargs):
+        if self.failed or not _wants_compile(args):
+            return self.fn(*args, **kwargs)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True, backend=_state["backend"])
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as err:  # a compiler failure: the eager function decides whether the inputs were at fault
+            out = self.fn(*args, **kwargs)
+            self.failed = True
+            log.warning("torch.compile failed for %s (%s: %s); it runs uncompiled from now on. Set "
+                        "model.render.compile=off to skip compiling.", self.fn.__qualname__, type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "")
+            return out
+
+
+def fused(fn: F) -> F:
+    """Decorator: ``fn`` (plain torch, no data-dependent Python control flow on tensor values) runs compiled
+    according to the mode (see the module docstring)."""
+    return _Fused(fn)  # type: ignore[return-value]
