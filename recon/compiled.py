@@ -58,13 +58,13 @@ def _triton_ok() -> bool:
         return False
 
 
-def _wants_compile(args) -> bool:
+def _wants_compile(args, kwargs) -> bool:
     mode = _state["mode"]
     if mode == "off" or torch.compiler.is_compiling():
         return False
     if mode == "on":
         return True
-    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
     return first is not None and first.is_cuda and _triton_ok()
 
 
@@ -81,7 +81,7 @@ class _Fused:
         self.compiled, self.failed = None, False
 
     def __call__(self, *args, **kwargs):
-        if self.failed or not _wants_compile(args):
+        if self.failed or not _wants_compile(args, kwargs):
             return self.fn(*args, **kwargs)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, dynamic=True, backend=_state["backend"])
