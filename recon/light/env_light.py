@@ -63,17 +63,39 @@ def _csr(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Te
         return torch.sparse_csr_tensor(crow.to(torch.int32), cols.to(torch.int32), vals, shape, check_invariants=False)
 
 
+_spmm_cache: dict = {}
+
+
+def _triton_spmm():
+    """`recon.light.spmm_triton.csr_matmul`, or None when triton does not import."""
+    if "fn" not in _spmm_cache:
+        try:
+            from recon.light.spmm_triton import csr_matmul  # noqa: PLC0415 (imports triton)
+
+            _spmm_cache["fn"] = csr_matmul
+        except Exception:  # not installed, or a build that fails to load
+            _spmm_cache["fn"] = None
+    return _spmm_cache["fn"]
+
+
+def _sparse_matmul(a: Tensor, x: Tensor) -> Tensor:
+    """a @ x for CSR ``a``: the Triton row kernel for float32 CUDA tensors (several times cuSPARSE's csrmm on three
+    columns), torch's sparse product otherwise."""
+    fn = _triton_spmm() if x.is_cuda and x.dtype == torch.float32 else None
+    return fn(a, x) if fn is not None else a @ x
+
+
 class _SparseLinear(torch.autograd.Function):
     """y = A x for a constant sparse CSR matrix A, with A^T precomputed for the backward pass (no transpose per step)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, a: Tensor, a_t: Tensor) -> Tensor:  # noqa: D102
         ctx.a_t = a_t
-        return a @ x
+        return _sparse_matmul(a, x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
-        return ctx.a_t @ grad.contiguous(), None, None
+        return _sparse_matmul(ctx.a_t, grad.contiguous()), None, None
 
 
 def cube_texel_solid_angle(res: int, device: torch.device | str | None = None) -> Tensor:

@@ -1,0 +1,90 @@
+"""Sparse (CSR) times dense-with-few-columns on CUDA by a Triton kernel, for the light's prefilter operator.
+
+`EnvironmentLight.build_mips` applies a constant 0.5M x 2.1M CSR matrix (26M entries at 512^2) to the three colour
+channels of the pooled cube chain every step, forward and (transposed) backward. cuSPARSE's ``csrmm`` handles the
+three dense columns poorly (about 1 ms per product on an H200); here one program sums one row: it walks the row's
+entries BLOCK at a time, gathers the C channels of each referenced row of x and accumulates in registers.
+
+Needs `triton`; `env_light.py` imports this module lazily and uses torch's sparse product elsewhere (CPU tensors,
+float64). Under TRITON_INTERPRET=1 (set before triton is imported) the kernel runs in Triton's interpreter on CPU
+tensors, for tests.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 64  # entries per iteration: the rows of the prefilter hold 30-170
+NUM_WARPS = 2
+
+
+@triton.jit
+def _accumulate(acc, col_ptr, val_ptr, x_ptr, begin, end, ch, C: tl.constexpr, BLOCK: tl.constexpr):
+    """acc [BLOCK, C_PAD] += the entries begin .. begin + BLOCK (those before ``end``) times their rows of x."""
+    idx = begin + tl.arange(0, BLOCK)
+    inside = idx < end
+    col = tl.load(col_ptr + idx, mask=inside, other=0).to(tl.int64)
+    val = tl.load(val_ptr + idx, mask=inside, other=0.0)
+    xv = tl.load(x_ptr + col[:, None] * C + ch[None, :], mask=inside[:, None] & (ch[None, :] < C), other=0.0)
+    return acc + val[:, None] * xv
+
+
+@triton.jit
+def _csr_rows_kernel(crow_ptr, col_ptr, val_ptr, x_ptr, out_ptr, C: tl.constexpr, C_PAD: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    start = tl.load(crow_ptr + row).to(tl.int64)
+    end = tl.load(crow_ptr + row + 1).to(tl.int64)
+    ch = tl.arange(0, C_PAD)
+    acc = tl.zeros([BLOCK, C_PAD], dtype=tl.float32)
+    for k in range(start, end, BLOCK):
+        acc = _accumulate(acc, col_ptr, val_ptr, x_ptr, k, end, ch, C, BLOCK)
+    tl.store(out_ptr + row.to(tl.int64) * C + ch, tl.sum(acc, axis=0), mask=ch < C)
+
+
+@triton.jit
+def _csr_rows_kernel_fixed(crow_ptr, col_ptr, val_ptr, x_ptr, out_ptr, C: tl.constexpr, C_PAD: tl.constexpr,
+                           BLOCK: tl.constexpr, MAX_ROW: tl.constexpr):
+    """The same for Triton's interpreter, which loops to constant bounds only: every row walks MAX_ROW entries."""
+    row = tl.program_id(0)
+    start = tl.load(crow_ptr + row).to(tl.int64)
+    end = tl.load(crow_ptr + row + 1).to(tl.int64)
+    ch = tl.arange(0, C_PAD)
+    acc = tl.zeros([BLOCK, C_PAD], dtype=tl.float32)
+    for k in range(0, MAX_ROW, BLOCK):
+        acc = _accumulate(acc, col_ptr, val_ptr, x_ptr, start + k, end, ch, C, BLOCK)
+    tl.store(out_ptr + row.to(tl.int64) * C + ch, tl.sum(acc, axis=0), mask=ch < C)
+
+
+def csr_matmul(a: Tensor, x: Tensor) -> Tensor:
+    """``a @ x`` for a CSR matrix ``a`` [R,K] (float32 values, int32 or int64 indices) and a dense ``x`` [K,C]
+    (float32, C <= 16) on the same device. Returns [R,C] float32."""
+    if a.layout != torch.sparse_csr:
+        raise ValueError(f"csr_matmul needs a sparse CSR matrix, got layout {a.layout}.")
+    if x.dim() != 2 or x.shape[0] != a.shape[1] or x.shape[1] > 16:
+        raise ValueError(f"csr_matmul: x must be [{a.shape[1]}, C<=16], got {list(x.shape)}.")
+    if a.dtype != torch.float32 or x.dtype != torch.float32:
+        raise ValueError(f"csr_matmul computes in float32, got {a.dtype} and {x.dtype}.")
+    x = x.contiguous()
+    n_rows, n_cols = a.shape[0], x.shape[1]
+    out = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return out
+    interpret = interpreting()
+    crow = a.crow_indices()
+    meta = dict(C=n_cols, C_PAD=triton.next_power_of_2(max(n_cols, 1)), BLOCK=BLOCK)
+    args = (crow, a.col_indices(), a.values(), x, out)
+    if interpret:
+        max_row = max(1, int((crow[1:] - crow[:-1]).max()))
+        _csr_rows_kernel_fixed[(n_rows,)](*args, **meta, MAX_ROW=max_row)
+    else:
+        with torch.cuda.device(x.device):
+            _csr_rows_kernel[(n_rows,)](*args, **meta, num_warps=NUM_WARPS)
+    return out
+
+
+def interpreting() -> bool:
+    """True when this process runs Triton kernels in the interpreter (triton imported with TRITON_INTERPRET=1)."""
+    return not isinstance(_csr_rows_kernel, triton.runtime.JITFunction)

@@ -1,0 +1,91 @@
+"""The Triton CSR product used for the light's prefilter: equal to the dense product, in Triton's interpreter on the
+CPU (a child process: Triton picks interpreter or compiler when first imported) and, marked `gpu`, compiled on CUDA,
+where `EnvironmentLight.build_mips` runs through it."""
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import recon
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the triton package is not installed")
+
+
+def random_csr(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CSR matrix with 32-bit indices (as the light builds) and its dense twin: empty rows, and a row longer than
+    several of the kernel's blocks."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(rows, cols, generator=g)
+    d[d < 0.85] = 0
+    d[3] = 0
+    d[5] = torch.rand(cols, generator=g) + 0.1
+    s = d.to_sparse_csr()
+    a = torch.sparse_csr_tensor(s.crow_indices().int(), s.col_indices().int(), s.values(), s.shape)
+    return a, d
+
+
+CHECK = """
+import torch
+from recon.light.spmm_triton import csr_matmul, interpreting
+assert interpreting()
+worst = 0.0
+for rows, cols, ch in ((40, 300, 3), (7, 200, 1), (6, 5, 16)):
+    a, d = random_csr(rows, cols)
+    x = torch.randn(cols, ch, generator=torch.Generator().manual_seed(1))
+    worst = max(worst, float((csr_matmul(a, x) - d @ x).abs().max()))
+print("max error", worst)
+"""
+
+
+@needs_triton
+def test_csr_matmul_in_triton_interpreter():
+    root = Path(recon.__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    code = "import torch\n" + inspect.getsource(random_csr) + CHECK
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert float(proc.stdout.split("max error")[1]) < 1e-5
+
+
+@needs_triton
+def test_csr_matmul_names_bad_inputs():
+    from recon.light.spmm_triton import csr_matmul
+
+    a, d = random_csr(6, 9)
+    with pytest.raises(ValueError, match="sparse CSR"):
+        csr_matmul(d, torch.zeros(9, 3))
+    with pytest.raises(ValueError, match=r"x must be \[9, C<=16\]"):
+        csr_matmul(a, torch.zeros(8, 3))
+    with pytest.raises(ValueError, match="float32"):
+        csr_matmul(a, torch.zeros(9, 3, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_light_prefilter_on_cuda_matches_the_cpu():
+    """build_mips on CUDA (Triton forward and transposed backward) against the CPU's torch sparse products."""
+    from recon.light.env_light import EnvironmentLight
+
+    torch.manual_seed(0)
+    cpu = EnvironmentLight(base_res=64, min_res=8, init="random")
+    gpu = EnvironmentLight(base_res=64, min_res=8, init="random").cuda()
+    with torch.no_grad():
+        gpu.base.copy_(cpu.base)
+    weights = [torch.rand(6, 64 >> i, 64 >> i, 3) for i in range(cpu.num_levels)]
+    grads = []
+    for light in (cpu, gpu):
+        light.build_mips()
+        loss = sum((lv * w.to(lv.device)).sum() for lv, w in zip(light.specular, weights)) + light.diffuse.sum()
+        loss.backward()
+        grads.append(light.base.grad.cpu())
+    for a, b in zip(cpu.specular, gpu.specular):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
