@@ -73,6 +73,7 @@ class MaterialConfig:
     n_hidden_layers: int = 2
     encoding: HashGridConfig = field(default_factory=HashGridConfig)
     backend: str = "auto"                 # hash-grid backend: auto | torch | tcnn | triton
+    fused_mlp: bool = True                # CUDA: the MLP as one Triton kernel each way (2 hidden layers, width 16-64)
     # bounds of the nine channels: albedo kd, ks = (occlusion, roughness, metallic), tangent-space normal
     kd_min: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     kd_max: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])

@@ -11,7 +11,34 @@ from recon.materials.hash_grid import HashGridEncoding
 @fused
 def _decode(net: nn.Module, features: Tensor, min_max: Tensor) -> Tensor:
     """The MLP and its squashing into [min, max] per channel (one fused function, see `recon.compiled`)."""
-    return torch.sigmoid(net(features)) * (min_max[1] - min_max[0]) + min_max[0]
+    return _squash(net(features), min_max)
+
+
+@fused
+def _squash(y: Tensor, min_max: Tensor) -> Tensor:
+    return torch.sigmoid(y) * (min_max[1] - min_max[0]) + min_max[0]
+
+
+_fused_cache: dict = {}
+
+
+def _fused_mlp_module():
+    """`recon.materials.mlp_triton`, or None when triton does not import."""
+    if "module" not in _fused_cache:
+        try:
+            from recon.materials import mlp_triton  # noqa: PLC0415 (imports triton)
+
+            _fused_cache["module"] = mlp_triton
+        except Exception:  # not installed, or a build that fails to load
+            _fused_cache["module"] = None
+    return _fused_cache["module"]
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs its interpreter in this process (TRITON_INTERPRET=1; tests run the kernels on CPU)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class MLPTexture3D(nn.Module):
@@ -27,6 +54,8 @@ class MLPTexture3D(nn.Module):
     features, 2^19 entries, resolution 16..4096). nvdiffrec scales the encoder's gradient by 128
     ({"grad_scale": 128.0}); the default here is 1.
     backend: `HashGridEncoding` backend unless `encoding` names one.
+    fused_mlp: on CUDA, run the network as one Triton kernel forward and one backward (`mlp_triton`) when its
+    shape allows (two hidden layers, widths 16-64); False keeps torch's layers.
     """
 
     def __init__(
@@ -38,9 +67,11 @@ class MLPTexture3D(nn.Module):
         n_hidden_layers: int = 2,
         encoding: dict | None = None,
         backend: str = "auto",
+        fused_mlp: bool = True,
     ):
         super().__init__()
         self.channels = channels
+        self.fused_mlp = bool(fused_mlp)
         self.register_buffer("aabb", torch.empty(2, 3))
         self.set_aabb(aabb)
         if min_max is None:
@@ -85,7 +116,13 @@ class MLPTexture3D(nn.Module):
         lead = points.shape[:-1]
         p = points.reshape(-1, 3).to(self.aabb.dtype)
         unit = ((p - self.aabb[0]) / (self.aabb[1] - self.aabb[0])).clamp(0.0, 1.0)
-        out = _decode(self.net, self.encoder(unit).to(self.net[0].weight.dtype), self.min_max)
+        features = self.encoder(unit).to(self.net[0].weight.dtype)
+        fused_mlp = _fused_mlp_module() if self.fused_mlp and (features.is_cuda or _interpreting()) else None
+        weights = [layer.weight for layer in self.net if isinstance(layer, nn.Linear)]
+        if fused_mlp is not None and fused_mlp.supports(features, weights):
+            out = _squash(fused_mlp.fused_mlp(features, *weights), self.min_max)
+        else:
+            out = _decode(self.net, features, self.min_max)
         return out.reshape(*lead, self.channels)
 
     def forward(self, points: Tensor) -> Tensor:
