@@ -2,7 +2,7 @@
 
 `EnvironmentLight.build_mips` applies a constant 0.5M x 2.1M CSR matrix (26M entries at 512^2) to the three colour
 channels of the pooled cube chain every step, forward and (transposed) backward. cuSPARSE's ``csrmm`` handles the
-three dense columns poorly (about 1 ms per product on an H200); here one program sums one row: it walks the row's
+three dense columns poorly (about 1 ms per product on an H200); here a program sums ROWS rows: it walks their
 entries BLOCK at a time, gathers the C channels of each referenced row of x and accumulates in registers.
 
 Needs `triton`; `env_light.py` imports this module lazily and uses torch's sparse product elsewhere (CPU tensors,
@@ -16,46 +16,56 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK = 64  # entries per iteration: the rows of the prefilter hold 30-170
-NUM_WARPS = 2
+ROWS = 16  # rows per program: the transposed operator has millions of short or empty rows
+BLOCK = 16  # entries per row and iteration: the prefilter's rows hold 30-170, its transpose's 0-18000
+NUM_WARPS = 4
 
 
 @triton.jit
 def _accumulate(acc, col_ptr, val_ptr, x_ptr, begin, end, ch, C: tl.constexpr, BLOCK: tl.constexpr):
-    """acc [BLOCK, C_PAD] += the entries begin .. begin + BLOCK (those before ``end``) times their rows of x."""
-    idx = begin + tl.arange(0, BLOCK)
-    inside = idx < end
+    """acc [ROWS, BLOCK, C_PAD] += the entries begin[r] .. begin[r] + BLOCK of each row r (those before end[r]) times
+    their rows of x."""
+    idx = begin[:, None] + tl.arange(0, BLOCK)[None, :]  # [ROWS, BLOCK]
+    inside = idx < end[:, None]
     col = tl.load(col_ptr + idx, mask=inside, other=0).to(tl.int64)
     val = tl.load(val_ptr + idx, mask=inside, other=0.0)
-    xv = tl.load(x_ptr + col[:, None] * C + ch[None, :], mask=inside[:, None] & (ch[None, :] < C), other=0.0)
-    return acc + val[:, None] * xv
+    ch3 = ch[None, None, :]
+    xv = tl.load(x_ptr + col[:, :, None] * C + ch3, mask=inside[:, :, None] & (ch3 < C), other=0.0)
+    return acc + val[:, :, None] * xv
 
 
 @triton.jit
-def _csr_rows_kernel(crow_ptr, col_ptr, val_ptr, x_ptr, out_ptr, C: tl.constexpr, C_PAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    start = tl.load(crow_ptr + row).to(tl.int64)
-    end = tl.load(crow_ptr + row + 1).to(tl.int64)
-    ch = tl.arange(0, C_PAD)
-    acc = tl.zeros([BLOCK, C_PAD], dtype=tl.float32)
-    for k in range(start, end, BLOCK):
-        acc = _accumulate(acc, col_ptr, val_ptr, x_ptr, k, end, ch, C, BLOCK)
-    tl.store(out_ptr + row.to(tl.int64) * C + ch, tl.sum(acc, axis=0), mask=ch < C)
+def _row_bounds(crow_ptr, n_rows, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    valid = rows < n_rows
+    start = tl.load(crow_ptr + rows, mask=valid, other=0).to(tl.int64)
+    end = tl.load(crow_ptr + rows + 1, mask=valid, other=0).to(tl.int64)
+    return rows, valid, start, end
 
 
 @triton.jit
-def _csr_rows_kernel_fixed(crow_ptr, col_ptr, val_ptr, x_ptr, out_ptr, C: tl.constexpr, C_PAD: tl.constexpr,
-                           BLOCK: tl.constexpr, MAX_ROW: tl.constexpr):
-    """The same for Triton's interpreter, which loops to constant bounds only: every row walks MAX_ROW entries."""
-    row = tl.program_id(0)
-    start = tl.load(crow_ptr + row).to(tl.int64)
-    end = tl.load(crow_ptr + row + 1).to(tl.int64)
+def _csr_rows_kernel(crow_ptr, col_ptr, val_ptr, x_ptr, out_ptr, n_rows, C: tl.constexpr, C_PAD: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows, valid, start, end = _row_bounds(crow_ptr, n_rows, ROWS)
     ch = tl.arange(0, C_PAD)
-    acc = tl.zeros([BLOCK, C_PAD], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK, C_PAD], dtype=tl.float32)
+    for k in range(0, tl.max(end - start), BLOCK):  # the group's longest row
+        acc = _accumulate(acc, col_ptr, val_ptr, x_ptr, start + k, end, ch, C, BLOCK)
+    out = tl.sum(acc, axis=1)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + ch[None, :], out, mask=valid[:, None] & (ch[None, :] < C))
+
+
+@triton.jit
+def _csr_rows_kernel_fixed(crow_ptr, col_ptr, val_ptr, x_ptr, out_ptr, n_rows, C: tl.constexpr, C_PAD: tl.constexpr,
+                           ROWS: tl.constexpr, BLOCK: tl.constexpr, MAX_ROW: tl.constexpr):
+    """The same for Triton's interpreter, which loops to constant bounds only: every group walks MAX_ROW entries."""
+    rows, valid, start, end = _row_bounds(crow_ptr, n_rows, ROWS)
+    ch = tl.arange(0, C_PAD)
+    acc = tl.zeros([ROWS, BLOCK, C_PAD], dtype=tl.float32)
     for k in range(0, MAX_ROW, BLOCK):
         acc = _accumulate(acc, col_ptr, val_ptr, x_ptr, start + k, end, ch, C, BLOCK)
-    tl.store(out_ptr + row.to(tl.int64) * C + ch, tl.sum(acc, axis=0), mask=ch < C)
+    out = tl.sum(acc, axis=1)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + ch[None, :], out, mask=valid[:, None] & (ch[None, :] < C))
 
 
 def csr_matmul(a: Tensor, x: Tensor) -> Tensor:
@@ -74,14 +84,15 @@ def csr_matmul(a: Tensor, x: Tensor) -> Tensor:
         return out
     interpret = interpreting()
     crow = a.crow_indices()
-    meta = dict(C=n_cols, C_PAD=triton.next_power_of_2(max(n_cols, 1)), BLOCK=BLOCK)
-    args = (crow, a.col_indices(), a.values(), x, out)
+    meta = dict(C=n_cols, C_PAD=triton.next_power_of_2(max(n_cols, 1)), ROWS=ROWS, BLOCK=BLOCK)
+    args = (crow, a.col_indices(), a.values(), x, out, n_rows)
+    grid = (triton.cdiv(n_rows, ROWS),)
     if interpret:
         max_row = max(1, int((crow[1:] - crow[:-1]).max()))
-        _csr_rows_kernel_fixed[(n_rows,)](*args, **meta, MAX_ROW=max_row)
+        _csr_rows_kernel_fixed[grid](*args, **meta, MAX_ROW=max_row)
     else:
         with torch.cuda.device(x.device):
-            _csr_rows_kernel[(n_rows,)](*args, **meta, num_warps=NUM_WARPS)
+            _csr_rows_kernel[grid](*args, **meta, num_warps=NUM_WARPS)
     return out
 
 

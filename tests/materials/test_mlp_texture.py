@@ -176,7 +176,8 @@ def test_fused_mlp_matches_torch_layers_in_triton_interpreter():
 
 @pytest.mark.gpu
 def test_fused_mlp_matches_torch_layers_on_cuda():
-    """What a CUDA fit runs (nvdiffrec's 32-32-9 network on 16x2 hash features) against torch's layers."""
+    """What a CUDA fit runs (nvdiffrec's 32-32-9 network on 16x2 hash features, TensorFloat-32 products) against
+    torch's float32 layers."""
     out, grads = [], []
     lo, hi = AABB.cuda()
     p = lo + torch.rand(200_003, 3, device="cuda") * (hi - lo)
@@ -187,7 +188,8 @@ def test_fused_mlp_matches_torch_layers_on_cuda():
         (y * torch.linspace(-1, 1, 9, device="cuda")).sum().backward()
         out.append(y.detach())
         grads.append({n: t.grad for n, t in tex.named_parameters()})
-    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=2e-3)  # outputs in [0, 1]
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6 * grads[0][name].abs().max(),
-                                   msg=name)
+        a, b = grads[1][name], grads[0][name]
+        assert (a - b).norm() < 1e-2 * b.norm(), name  # relative error of the whole gradient
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999, name
