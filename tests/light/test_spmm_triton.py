@@ -70,22 +70,24 @@ def test_csr_matmul_names_bad_inputs():
 @pytest.mark.gpu
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_light_prefilter_on_cuda_matches_the_cpu():
-    """build_mips on CUDA (Triton forward and transposed backward) against the CPU's torch sparse products."""
-    from recon.light.env_light import EnvironmentLight
+def test_light_prefilter_by_triton_matches_torch_sparse_on_cuda(monkeypatch):
+    """build_mips on CUDA through the Triton kernel (forward and transposed backward) against torch's sparse products
+    of the same operator."""
+    from recon.light import env_light
 
     torch.manual_seed(0)
-    cpu = EnvironmentLight(base_res=64, min_res=8, init="random")
-    gpu = EnvironmentLight(base_res=64, min_res=8, init="random").cuda()
-    with torch.no_grad():
-        gpu.base.copy_(cpu.base)
-    weights = [torch.rand(6, 64 >> i, 64 >> i, 3) for i in range(cpu.num_levels)]
-    grads = []
-    for light in (cpu, gpu):
+    light = env_light.EnvironmentLight(base_res=64, min_res=8, init="random").cuda()
+    weights = [torch.rand(6, 64 >> i, 64 >> i, 3, device="cuda") for i in range(light.num_levels)]
+    results = []
+    for use_triton in (True, False):
+        if not use_triton:
+            monkeypatch.setitem(env_light._spmm_cache, "fn", None)
+        light.base.grad = None
         light.build_mips()
-        loss = sum((lv * w.to(lv.device)).sum() for lv, w in zip(light.specular, weights)) + light.diffuse.sum()
+        loss = sum((lv * w).sum() for lv, w in zip(light.specular, weights)) + light.diffuse.sum()
         loss.backward()
-        grads.append(light.base.grad.cpu())
-    for a, b in zip(cpu.specular, gpu.specular):
-        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+        results.append(([lv.detach().clone() for lv in light.specular], light.base.grad.clone()))
+    assert env_light._triton_spmm() is None  # the second pass really ran torch's product
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
