@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from recon.compiled import fused
 from recon.light.bsdf import ggx_lut, ggx_ndf, hammersley, importance_sample_ggx, lookup_lut
+from recon.optional import optional_module
 from recon.render.cube import cube_taps, cube_to_dir, dir_to_cube, normalize, sample_cube, sample_cube_mips
 
 
@@ -63,19 +64,10 @@ def _csr(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Te
         return torch.sparse_csr_tensor(crow.to(torch.int32), cols.to(torch.int32), vals, shape, check_invariants=False)
 
 
-_spmm_cache: dict = {}
-
-
 def _triton_spmm():
     """`recon.light.spmm_triton.csr_matmul`, or None when triton does not import."""
-    if "fn" not in _spmm_cache:
-        try:
-            from recon.light.spmm_triton import csr_matmul  # noqa: PLC0415 (imports triton)
-
-            _spmm_cache["fn"] = csr_matmul
-        except Exception:  # not installed, or a build that fails to load
-            _spmm_cache["fn"] = None
-    return _spmm_cache["fn"]
+    module = optional_module("recon.light.spmm_triton")
+    return None if module is None else module.csr_matmul
 
 
 def _sparse_matmul(a: Tensor, x: Tensor) -> Tensor:

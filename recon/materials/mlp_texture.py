@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from recon.compiled import fused
 from recon.materials.hash_grid import HashGridEncoding
+from recon.optional import optional_module
 
 
 @fused
@@ -17,21 +18,6 @@ def _decode(net: nn.Module, features: Tensor, min_max: Tensor) -> Tensor:
 @fused
 def _squash(y: Tensor, min_max: Tensor) -> Tensor:
     return torch.sigmoid(y) * (min_max[1] - min_max[0]) + min_max[0]
-
-
-_fused_cache: dict = {}
-
-
-def _fused_mlp_module():
-    """`recon.materials.mlp_triton`, or None when triton does not import."""
-    if "module" not in _fused_cache:
-        try:
-            from recon.materials import mlp_triton  # noqa: PLC0415 (imports triton)
-
-            _fused_cache["module"] = mlp_triton
-        except Exception:  # not installed, or a build that fails to load
-            _fused_cache["module"] = None
-    return _fused_cache["module"]
 
 
 def _interpreting() -> bool:
@@ -117,7 +103,7 @@ class MLPTexture3D(nn.Module):
         p = points.reshape(-1, 3).to(self.aabb.dtype)
         unit = ((p - self.aabb[0]) / (self.aabb[1] - self.aabb[0])).clamp(0.0, 1.0)
         features = self.encoder(unit).to(self.net[0].weight.dtype)
-        fused_mlp = _fused_mlp_module() if self.fused_mlp and (features.is_cuda or _interpreting()) else None
+        fused_mlp = optional_module("recon.materials.mlp_triton") if self.fused_mlp and (features.is_cuda or _interpreting()) else None
         weights = [layer.weight for layer in self.net if isinstance(layer, nn.Linear)]
         if fused_mlp is not None and fused_mlp.supports(features, weights):
             out = _squash(fused_mlp.fused_mlp(features, *weights), self.min_max)
