@@ -130,6 +130,7 @@ class OptimConfig:
     lr_final_factor: float = 0.1          # lr multiplier reached at the end of each pass (exponential decay)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     skip_nonfinite: bool = False          # drop steps with a non-finite loss or gradient instead of stopping
+    nonfinite_check_every: Optional[int] = None  # steps between host reads of that check (null: 1 on CPU, 50 on GPU)
 
 
 @dataclass

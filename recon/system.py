@@ -28,6 +28,7 @@ from recon.geometry.fixed_mesh import FixedTopologyMesh
 from recon.geometry.mesh import Mesh
 from recon.light import EnvironmentLight
 from recon.losses import composite, image_losses
+from recon.nonfinite import NonFiniteGuard, NonFiniteReport
 from recon.materials.pbr import NeuralPBRMaterial, TexturePBRMaterial, channel_bounds
 from recon.render import make_rasterizer
 from recon.render.background import view_noise
@@ -98,6 +99,7 @@ class ReconSystem(L.LightningModule):
             raise ValueError(f"model.pass1_steps={pass1_steps} must be > 0 and model.pass2_steps={pass2_steps} >= 0.")
         self.bake_stats: dict = {}
         self.skipped_steps = 0  # steps dropped by optim.skip_nonfinite
+        self.nonfinite: NonFiniteGuard | None = None  # set up with the optimiser, once the device is known
         self.pass1_result: dict | None = None  # the pass-1 export, handed to the export callback once
         self._rasterizer = None
 
@@ -324,6 +326,7 @@ class ReconSystem(L.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self.pass_switch_due:
+            self._poll_nonfinite()  # pass 1's last steps are checked before their result is baked
             self.begin_pass2()
             self._rewrap_ddp()
             self.trainer.strategy.setup_optimizers(self.trainer)  # pass-2 parameters, fresh schedule
@@ -345,6 +348,11 @@ class ReconSystem(L.LightningModule):
             self.light.clamp_(min=0.0)
             if self.textures is not None:
                 self.textures.clamp_()
+        guard, step = self.nonfinite, self.global_step
+        if guard is not None and guard.every > 1:
+            last = self._trainer is not None and 0 < (self.trainer.max_steps or 0) <= step
+            if step % guard.every == 0 or last:  # and before anything is exported
+                self._poll_nonfinite()
 
     @torch.no_grad()
     def result(self) -> dict:
@@ -385,7 +393,8 @@ class ReconSystem(L.LightningModule):
             steps = self.pass2_steps
         if self.light.trainable:
             groups.append({"name": "light", "params": self.light.parameters(), "lr": lr_light})
-        fused = self.device.type == "cuda"  # one kernel for every parameter's update
+        # one kernel for every parameter's update; fused Adam also cancels a non-finite step on the device
+        fused = self.device.type == "cuda" or self.nonfinite_check_every() > 1
         opt = torch.optim.Adam(groups, betas=betas, eps=1e-15 if o.get("tiny_eps", True) else 1e-8, fused=fused)
         warm, final = int(o.get("warmup_steps", 0)), float(o.get("lr_final_factor", 0.1))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, max(steps - warm, 1), final))
@@ -399,29 +408,36 @@ class ReconSystem(L.LightningModule):
         connector = getattr(self.trainer, "_logger_connector", None)
         return self.global_step == 0 or bool(getattr(connector, "should_update_logs", True))
 
+    def nonfinite_check_every(self) -> int:
+        """Steps between host reads of the non-finite record: ``model.optim.nonfinite_check_every``, or by default
+        every step on a CPU (no cost there) and every 50 steps on a GPU (a read per step stalls the launch queue)."""
+        every = self.optim_cfg.get("nonfinite_check_every")
+        return int(every) if every is not None else (50 if self.device.type == "cuda" else 1)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Stop (or, with ``model.optim.skip_nonfinite``, skip the update) on a non-finite loss or gradient, with the
-        culprit named. The loss terms and every gradient are reduced on the device first: one host sync per step."""
+        culprit named (see recon.nonfinite: the loss terms and every gradient are reduced on the device; read at once,
+        or every ``nonfinite_check_every`` steps with the bad steps' updates cancelled on the device meanwhile)."""
         terms, self._step_terms = getattr(self, "_step_terms", None), None
+        if self.nonfinite is None:
+            self.nonfinite = NonFiniteGuard(self.nonfinite_check_every())
         named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
-        checks = [g for _, g in named]
-        checks = [torch.stack(torch._foreach_norm(checks))] if checks else []
-        if terms is not None:
-            checks.append(terms["total"].detach().reshape(1))
-        if not checks or bool(torch.cat(checks).isfinite().all()):
+        report = self.nonfinite.check(self.global_step, self.current_pass, optimizer, named, terms)
+        if report is not None:
+            if self.optim_cfg.get("skip_nonfinite", False):  # Adam leaves parameters without a gradient untouched
+                for p in self.parameters():
+                    p.grad = None
+            self._on_nonfinite(report)
+
+    def _poll_nonfinite(self) -> None:
+        report = self.nonfinite.poll() if self.nonfinite is not None else None
+        if report is not None:
+            self._on_nonfinite(report)
+
+    def _on_nonfinite(self, report: NonFiniteReport) -> None:
+        if self.optim_cfg.get("skip_nonfinite", False):
+            self.skipped_steps += report.count
+            log.warning("skipped %s: %s", "step %d" % report.step if report.count == 1 else f"{report.count} steps",
+                        report.message)
             return
-        skip = self.optim_cfg.get("skip_nonfinite", False)
-        if terms is not None and not bool(terms["total"].isfinite()):
-            names = [k for k in terms if k != "total"]
-            values = ", ".join(f"{k}={terms[k].item():.4g}" for k in names)
-            what = f"non-finite loss at step {self.global_step} (pass {self.current_pass}: {values})"
-        else:
-            bad = [n for n, g in named if not bool(g.isfinite().all())]
-            what = f"non-finite gradient at step {self.global_step} in {', '.join(bad)}"
-        if skip:  # Adam leaves parameters without a gradient untouched
-            self.skipped_steps += 1
-            log.warning("skipped step %d: %s", self.global_step, what)
-            for p in self.parameters():
-                p.grad = None
-            return
-        raise FloatingPointError(f"{what}. Lower model.optim.lr_geometry / lr_material / lr_light.")
+        raise FloatingPointError(f"{report.message}. Lower model.optim.lr_geometry / lr_material / lr_light.")

@@ -54,6 +54,27 @@ def test_skip_nonfinite_keeps_training(tmp_path, kind):
     assert timing["skipped_steps"] == 2 and (run / "mesh.obj").is_file() and not (run / "failure.json").exists()
 
 
+def test_deferred_check_names_the_first_bad_step_and_keeps_parameters_finite(tmp_path):
+    """Read every 3 steps (the GPU default reads every 50): the NaN gradient of step 2 is found after step 3, its
+    update was cancelled on the device, and the report still names step 2 and the parameter."""
+    proc = fit_with_fault(tmp_path, "nan_grad", "model.optim.nonfinite_check_every=3")
+    assert proc.returncode == 1
+    report = json.loads((tmp_path / "run" / "failure.json").read_text())
+    assert report["kind"] == "non_finite" and report["step"] == 3
+    assert "non-finite gradient at step 2 in geometry.sdf" in proc.stderr.strip().splitlines()[-1]
+    ckpt = torch.load(report["checkpoint"], map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "mesh.obj").exists()
+
+
+def test_deferred_skip_counts_every_dropped_step(tmp_path):
+    proc = fit_with_fault(tmp_path, "nan_loss", "model.optim.skip_nonfinite=true", "model.optim.nonfinite_check_every=3",
+                          "callbacks.mesh_export.eval_samples=2000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())
+    assert timing["skipped_steps"] == 2 and (tmp_path / "run" / "mesh.obj").is_file()
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     """Preemption: Lightning stops after the current step, the report names the checkpoint, and a run started with
     ckpt_path= from it finishes the schedule and exports."""
