@@ -28,8 +28,8 @@ from recon.geometry.fixed_mesh import FixedTopologyMesh
 from recon.geometry.mesh import Mesh
 from recon.light import EnvironmentLight
 from recon.losses import composite, image_losses
-from recon.nonfinite import NonFiniteGuard, NonFiniteReport
 from recon.materials.pbr import NeuralPBRMaterial, TexturePBRMaterial, channel_bounds
+from recon.nonfinite import NonFiniteGuard, NonFiniteReport
 from recon.render import make_rasterizer
 from recon.render.background import view_noise
 from recon.render.shading import render_pbr
