@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from recon.geometry.mesh import Mesh, laplacian_loss, laplacian_uniform
+from recon.sparse import SparseOperator
 
 
 class FixedTopologyMesh(nn.Module):
@@ -23,7 +24,7 @@ class FixedTopologyMesh(nn.Module):
         self.register_buffer("uv", mesh.uv.detach().float().clone())
         self.register_buffer("uv_faces", mesh.uv_faces.detach().long().clone())
         self.offset = nn.Parameter(torch.zeros_like(self.initial_verts))
-        self._laplacian: Tensor | None = None  # built on first use, on the faces' device (the topology never changes)
+        self._laplacian: SparseOperator | None = None  # built on first use, on the faces' device (fixed topology)
 
     @classmethod
     def empty_like(cls, state: dict[str, Tensor], prefix: str = "") -> FixedTopologyMesh:
@@ -44,7 +45,8 @@ class FixedTopologyMesh(nn.Module):
         """nvdiffrec's relative Laplacian term: mean squared Laplacian of the offset (penalises local shape change)."""
         lap = self._laplacian
         if lap is None or lap.device != self.faces.device or lap.dtype != self.initial_verts.dtype:
-            lap = self._laplacian = laplacian_uniform(self.initial_verts.shape[0], self.faces, dtype=self.initial_verts.dtype)
+            lap = laplacian_uniform(self.initial_verts.shape[0], self.faces, dtype=self.initial_verts.dtype)
+            lap = self._laplacian = SparseOperator.from_sparse(lap)
         return laplacian_loss(self.verts, self.faces, self.initial_verts, lap=lap)
 
     def extra_repr(self) -> str:

@@ -10,6 +10,7 @@ import trimesh
 from torch import Tensor
 
 from recon.gather import take_rows
+from recon.sparse import SparseOperator
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -115,16 +116,19 @@ def laplacian_uniform(verts_count: int, faces: Tensor, dtype: torch.dtype = torc
     return torch.sparse_coo_tensor(indices, values, (verts_count, verts_count), check_invariants=False).coalesce()
 
 
-def laplacian_loss(verts: Tensor, faces: Tensor, ref_verts: Tensor | None = None, lap: Tensor | None = None) -> Tensor:
+def laplacian_loss(verts: Tensor, faces: Tensor, ref_verts: Tensor | None = None,
+                   lap: Tensor | SparseOperator | None = None) -> Tensor:
     """Mean squared uniform-Laplacian coordinates of `verts - ref_verts` (scalar).
 
     With `ref_verts` (same topology) this is nvdiffrec's "relative" Laplacian regularizer: it
     penalises changes of local shape rather than curvature itself; without, the absolute one.
-    lap: `laplacian_uniform(len(verts), faces)` when the caller keeps it (a fixed topology), else built here.
+    lap: `laplacian_uniform(len(verts), faces)`, or that as a `recon.sparse.SparseOperator` (no coalesce per step,
+    Triton on CUDA), when the caller keeps it (a fixed topology); else built here.
     """
     delta = verts if ref_verts is None else verts - ref_verts
     lap = laplacian_uniform(verts.shape[0], faces, dtype=verts.dtype) if lap is None else lap
-    return torch.sparse.mm(lap, delta).pow(2).mean()
+    out = lap(delta) if isinstance(lap, SparseOperator) else torch.sparse.mm(lap, delta)
+    return out.pow(2).mean()
 
 
 @dataclass

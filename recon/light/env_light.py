@@ -8,15 +8,14 @@ Everything here is plain torch, differentiable w.r.t. the cube, on whatever devi
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor, nn
 
 from recon.compiled import fused
 from recon.light.bsdf import ggx_lut, ggx_ndf, hammersley, importance_sample_ggx, lookup_lut
-from recon.optional import optional_module
 from recon.render.cube import cube_taps, cube_to_dir, dir_to_cube, normalize, sample_cube, sample_cube_mips
+from recon.sparse import SparseOperator
 
 
 def _read_probe(path: str) -> Tensor:
@@ -52,42 +51,6 @@ class _OperatorCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
-
-
-def _csr(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
-    """A CSR matrix from (row, column) entries already sorted by row then column, without repeats (no sort here);
-    32-bit indices (half the memory of torch's default 64-bit ones), which cuSPARSE and the CPU kernels take."""
-    counts = torch.bincount(rows, minlength=shape[0])
-    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow.to(torch.int32), cols.to(torch.int32), vals, shape, check_invariants=False)
-
-
-def _triton_spmm():
-    """`recon.light.spmm_triton.csr_matmul`, or None when triton does not import."""
-    module = optional_module("recon.light.spmm_triton")
-    return None if module is None else module.csr_matmul
-
-
-def _sparse_matmul(a: Tensor, x: Tensor) -> Tensor:
-    """a @ x for CSR ``a``: the Triton row kernel for float32 CUDA tensors (several times cuSPARSE's csrmm on three
-    columns), torch's sparse product otherwise."""
-    fn = _triton_spmm() if x.is_cuda and x.dtype == torch.float32 else None
-    return fn(a, x) if fn is not None else a @ x
-
-
-class _SparseLinear(torch.autograd.Function):
-    """y = A x for a constant sparse CSR matrix A, with A^T precomputed for the backward pass (no transpose per step)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, a_t: Tensor) -> Tensor:  # noqa: D102
-        ctx.a_t = a_t
-        return _sparse_matmul(a, x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: D102
-        return _sparse_matmul(ctx.a_t, grad.contiguous()), None, None
 
 
 def cube_texel_solid_angle(res: int, device: torch.device | str | None = None) -> Tensor:
@@ -303,8 +266,8 @@ class EnvironmentLight(nn.Module):
             vals.append(torch.zeros(key.shape[0], device=device).index_add_(0, inverse, (w * weight[None, :, None]).reshape(-1)))
         return torch.cat(rows), torch.cat(cols), torch.cat(vals)
 
-    def _prefilter_operator(self, chain_res: list[int], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The prefiltering of levels 1..L-1 as one sparse matrix on the concatenated pooled chain, and its transpose.
+    def _prefilter_operator(self, chain_res: list[int], device: torch.device, dtype: torch.dtype) -> SparseOperator:
+        """The prefiltering of levels 1..L-1 as one sparse operator on the concatenated pooled chain.
 
         Prefiltering is linear in the light and its samples are fixed, so the matrix is built once per resolution
         and device (a few seconds at 512^2 on a CPU, well under one on a GPU) and every `build_mips` is one sparse
@@ -325,11 +288,9 @@ class EnvironmentLight(nn.Module):
                 row0 += sizes[lv]
             shape = (row0, sum(sizes))
             rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals).to(dtype)
-            a = _csr(rows, cols, vals, shape)
-            order = torch.argsort(cols.long() * shape[0] + rows)  # the transpose, sorted by (column, row)
-            a_t = _csr(cols[order], rows[order], vals[order], shape[::-1])
-        self._operator.key, self._operator.value = key, (a, a_t)
-        return a, a_t
+            op = SparseOperator.from_sorted(rows, cols, vals, shape)
+        self._operator.key, self._operator.value = key, op
+        return op
 
     def _irradiance(self, cube: Tensor) -> Tensor:
         """Cosine-weighted convolution (normalised so a constant map stays constant) at the cube's resolution."""
@@ -350,8 +311,8 @@ class EnvironmentLight(nn.Module):
         self.specular = [self.base]
         if len(pooled) > 1:
             ch = self.base.shape[-1]
-            a, a_t = self._prefilter_operator([p.shape[1] for p in pooled], self.base.device, self.base.dtype)
-            out = _SparseLinear.apply(torch.cat([p.reshape(-1, ch) for p in pooled]), a, a_t)
+            op = self._prefilter_operator([p.shape[1] for p in pooled], self.base.device, self.base.dtype)
+            out = op(torch.cat([p.reshape(-1, ch) for p in pooled]))
             sizes = [6 * p.shape[1] ** 2 for p in pooled[1:]]
             self.specular += [o.reshape(p.shape) for o, p in zip(out.split(sizes), pooled[1:])]
         diff_src = pooled[-1]

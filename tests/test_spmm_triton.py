@@ -1,6 +1,6 @@
-"""The Triton CSR product used for the light's prefilter: equal to the dense product, in Triton's interpreter on the
-CPU (a child process: Triton picks interpreter or compiler when first imported) and, marked `gpu`, compiled on CUDA,
-where `EnvironmentLight.build_mips` runs through it."""
+"""The Triton CSR product behind recon.sparse (the light's prefilter, the mesh Laplacian): equal to the dense product,
+in Triton's interpreter on the CPU (a child process: Triton picks interpreter or compiler when first imported) and,
+marked `gpu`, compiled on CUDA, where `EnvironmentLight.build_mips` and the pass-2 Laplacian run through it."""
 import importlib.util
 import inspect
 import os
@@ -32,7 +32,7 @@ def random_csr(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch
 
 CHECK = """
 import torch
-from recon.light.spmm_triton import csr_matmul, interpreting
+from recon.spmm_triton import csr_matmul, interpreting
 assert interpreting()
 worst = 0.0
 for rows, cols, ch in ((40, 300, 3), (7, 200, 1), (6, 5, 16)):
@@ -56,7 +56,7 @@ def test_csr_matmul_in_triton_interpreter():
 
 @needs_triton
 def test_csr_matmul_names_bad_inputs():
-    from recon.light.spmm_triton import csr_matmul
+    from recon.spmm_triton import csr_matmul
 
     a, d = random_csr(6, 9)
     with pytest.raises(ValueError, match="sparse CSR"):
@@ -73,6 +73,7 @@ def test_csr_matmul_names_bad_inputs():
 def test_light_prefilter_by_triton_matches_torch_sparse_on_cuda(monkeypatch):
     """build_mips on CUDA through the Triton kernel (forward and transposed backward) against torch's sparse products
     of the same operator."""
+    from recon import sparse
     from recon.light import env_light
 
     torch.manual_seed(0)
@@ -81,13 +82,39 @@ def test_light_prefilter_by_triton_matches_torch_sparse_on_cuda(monkeypatch):
     results = []
     for use_triton in (True, False):
         if not use_triton:
-            monkeypatch.setattr(env_light, "_triton_spmm", lambda: None)
+            monkeypatch.setattr(sparse, "_triton_spmm", lambda: None)
         light.base.grad = None
         light.build_mips()
         loss = sum((lv * w).sum() for lv, w in zip(light.specular, weights)) + light.diffuse.sum()
         loss.backward()
         results.append(([lv.detach().clone() for lv in light.specular], light.base.grad.clone()))
-    assert env_light._triton_spmm() is None  # the second pass really ran torch's product
+    assert sparse._triton_spmm() is None  # the second pass really ran torch's product
     for a, b in zip(results[0][0], results[1][0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mesh_laplacian_by_triton_matches_torch_sparse_on_cuda():
+    """The pass-2 relative Laplacian on CUDA (Triton CSR, forward and transposed backward) against torch's COO product."""
+    import trimesh
+
+    from recon.geometry.fixed_mesh import FixedTopologyMesh
+    from recon.geometry.mesh import Mesh, laplacian_loss, laplacian_uniform
+
+    tm = trimesh.creation.icosphere(subdivisions=5)
+    verts, faces = torch.tensor(tm.vertices, dtype=torch.float32), torch.tensor(tm.faces, dtype=torch.long)
+    mesh = Mesh(verts=verts.cuda(), faces=faces.cuda(), uv=torch.rand(verts.shape[0], 2).cuda(), uv_faces=faces.cuda())
+    surface = FixedTopologyMesh(mesh).cuda()
+    with torch.no_grad():
+        surface.offset.normal_(std=0.01)
+    loss = surface.laplacian_regularizer()
+    loss.backward()
+    offset = surface.offset.detach().clone().requires_grad_(True)
+    lap = laplacian_uniform(verts.shape[0], mesh.faces)
+    expected = laplacian_loss(mesh.verts + offset, mesh.faces, mesh.verts, lap=lap)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(surface.offset.grad, offset.grad, rtol=1e-4, atol=1e-9)
