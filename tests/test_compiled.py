@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from recon import compiled
+from recon.geometry.mesh import normals_and_tangents
 from recon.light.env_light import _split_sum_combine, _split_sum_inputs
 from recon.losses import image_losses
 from recon.materials.mlp_texture import MLPTexture3D
@@ -38,6 +39,9 @@ def _cases(n=300, seed=0):
     img = r(2, 16, 12, 4)
     img[..., 3] = (img[..., 3] > 0.4).float()
     losses = dict(rgb=r(2, 16, 12, 3) * 2, alpha=r(2, 16, 12, 1), img=img, bg=r(2, 16, 12, 3))
+    nv = max(4, n // 3)  # a random mesh with a UV chart per face (mirrored and unmirrored ones)
+    faces = torch.stack([torch.randperm(nv, generator=g)[:3] for _ in range(n // 2)])
+    mesh = dict(verts=r(nv, 3), faces=faces, uv=r(3 * len(faces), 2), uv_faces=torch.arange(3 * len(faces)).reshape(-1, 3))
     return [
         ("shading_normal", lambda a: shading_normal(a["nrm_ts"], a["smooth"], a["geometric"], a["pos"], a["view_pos"]),
          normals),
@@ -45,6 +49,7 @@ def _cases(n=300, seed=0):
                                                          0.08, 0.5), split),
         ("split_sum_combine", lambda a: _split_sum_combine(**a), combine),
         ("image_losses", lambda a: image_losses(**a), losses),
+        ("normals_and_tangents", lambda a: normals_and_tangents(**a), mesh),
     ]
 
 
@@ -57,7 +62,7 @@ def _run(fn, inputs):
     return [o.detach() for o in outs], {k: v.grad for k, v in leaves.items() if v.grad is not None}
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_traced_functions_match_eager_values_and_gradients(case):
     name, fn, inputs = _cases()[case]
     compiled.set_mode("off")
@@ -124,7 +129,7 @@ def test_auto_mode_leaves_cpu_tensors_eager_and_bad_modes_are_named():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_inductor_kernels_match_eager_on_cuda(case):
     """What a CUDA fit runs by default (mode 'auto': Inductor's generated kernels) against the eager functions."""
     name, fn, inputs = _cases(n=20000)[case]
@@ -134,7 +139,8 @@ def test_inductor_kernels_match_eager_on_cuda(case):
     compiled.set_mode("auto")
     out, grad = _run(fn, inputs)
     fused_fn = {"shading_normal": shading_normal, "split_sum_inputs": _split_sum_inputs,
-                "split_sum_combine": _split_sum_combine, "image_losses": image_losses}[name]
+                "split_sum_combine": _split_sum_combine, "image_losses": image_losses,
+                "normals_and_tangents": normals_and_tangents}[name]
     assert fused_fn.compiled is not None and not fused_fn.failed, name
     for a, b in zip(out, ref_out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -9,6 +9,7 @@ import torch
 import trimesh
 from torch import Tensor
 
+from recon.compiled import fused
 from recon.gather import take_rows
 from recon.sparse import SparseOperator
 
@@ -96,6 +97,15 @@ def tangent_handedness(
     return torch.where(_dot(torch.linalg.cross(normals, tangents, dim=-1), up) < 0, -1.0, 1.0).to(verts.dtype)
 
 
+@fused
+def normals_and_tangents(verts: Tensor, faces: Tensor, uv: Tensor, uv_faces: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit vertex normals, tangents [Nv,3] and handedness [Nv,1] (see the three functions above): one compiled
+    function on CUDA, as the fixed-topology mesh of pass 2 needs all three every step."""
+    normals = vertex_normals(verts, faces)
+    tangents = compute_tangents(verts, faces, uv, uv_faces, normals)
+    return normals, tangents, tangent_handedness(verts, faces, uv, uv_faces, normals, tangents)
+
+
 def laplacian_uniform(verts_count: int, faces: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform graph Laplacian `L = I - D^-1 A` as a sparse COO `[Nv,Nv]` tensor.
 
@@ -170,7 +180,11 @@ class Mesh:
         """Copy with tangents from the UVs (computes normals first if missing)."""
         if self.uv is None:
             raise ValueError("Mesh.with_tangents needs texture coordinates: this mesh has uv=None.")
-        mesh = self if self.normals is not None else self.with_normals()
+        if self.normals is None:
+            uv_faces = self.faces if self.uv_faces is None else self.uv_faces
+            normals, tangents, sign = normals_and_tangents(self.verts, self.faces, self.uv, uv_faces)
+            return replace(self, normals=normals, tangents=tangents, handedness=sign)
+        mesh = self
         tangents = compute_tangents(mesh.verts, mesh.faces, mesh.uv, mesh.uv_faces, mesh.normals)
         sign = tangent_handedness(mesh.verts, mesh.faces, mesh.uv, mesh.uv_faces, mesh.normals, tangents)
         return replace(mesh, tangents=tangents, handedness=sign)
