@@ -40,8 +40,8 @@ def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
     acc = torch.zeros_like(verts)
     for corner in range(3):
         acc = acc.index_add(0, faces[:, corner], fn)
-    fallback = verts.new_zeros(3)
-    fallback[2] = 1.0  # +z, filled on the device (a tensor literal would be a host-to-device copy every call)
+    zero = torch.zeros_like(acc[:1, :1])
+    fallback = torch.cat([zero, zero, zero + 1.0], dim=-1)  # +z, made on the device (no copy, no host sync)
     acc = torch.where(_dot(acc, acc) > 1e-20, acc, fallback)
     return safe_normalize(acc)
 
