@@ -181,7 +181,8 @@ class ReconSystem(L.LightningModule):
         weights = {"color": 1.0, "alpha": c.get("alpha_weight", 1.0)}
         if self.surface is None:
             terms["sdf"], weights["sdf"] = self.geometry.sdf_regularizer(), self.sdf_weight()
-            if c.get("normal_consistency_weight", 0.0) > 0:
+            nc_start = c.get("normal_consistency_start", 0.0) * self.pass1_steps
+            if c.get("normal_consistency_weight", 0.0) > 0 and self.global_step >= nc_start:
                 mesh = out["mesh"]
                 terms["normal_consistency"] = normal_consistency_loss(mesh.verts, mesh.faces)
                 weights["normal_consistency"] = c["normal_consistency_weight"]
