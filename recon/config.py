@@ -111,6 +111,8 @@ class LossConfig:
     sdf_weight: float = 0.2               # SDF sign-change regulariser (pass 1), decays linearly ...
     sdf_weight_final: float = 0.01        # ... to this value ...
     sdf_decay_fraction: float = 0.25      # ... over this fraction of pass 1
+    normal_consistency_weight: float = 0.0  # pass 1: 1 - cos between normals of adjacent DMTet faces (smooth surface)
+    normal_consistency_start: float = 0.0   # ... from this fraction of pass 1 on (the shape forms first)
     kd_smooth_weight: float = 0.03        # albedo smoothness (pass 1)
     occlusion_weight: float = 0.001       # pushes the occlusion channel to 0
     light_white_weight: float = 0.005     # penalises coloured light

@@ -25,7 +25,7 @@ from recon.export.uv_bake import bake_pbr_textures, simplify, unwrap
 from recon.gather import masked_rows
 from recon.geometry.dmtet import DMTetGeometry
 from recon.geometry.fixed_mesh import FixedTopologyMesh
-from recon.geometry.mesh import Mesh
+from recon.geometry.mesh import Mesh, normal_consistency_loss
 from recon.light import EnvironmentLight
 from recon.losses import composite, image_losses
 from recon.materials.pbr import NeuralPBRMaterial, TexturePBRMaterial, channel_bounds
@@ -169,9 +169,10 @@ class ReconSystem(L.LightningModule):
         """Loss terms of a render ``out`` against reference RGBA ``img`` over background ``bg`` [B,H,W,3].
 
         nvdiffrec's: alpha MSE + log-L1 on tonemapped sRGB (colour restricted to the reference mask); pass 1 adds the
-        SDF sign-change regulariser, pass 2 the relative Laplacian fading out; both the albedo-smoothness and
-        occlusion regularisers (ramped in over ``reg_ramp_steps``) and the light's white-balance prior; with
-        reference ``depth`` [B,H,W,1] (0 = unknown) and ``depth_weight`` > 0 an L1 depth term.
+        SDF sign-change regulariser and (``normal_consistency_weight`` > 0) the normal consistency of the DMTet
+        surface, pass 2 the relative Laplacian fading out; both the albedo-smoothness and occlusion regularisers
+        (ramped in over ``reg_ramp_steps``) and the light's white-balance prior; with reference ``depth`` [B,H,W,1]
+        (0 = unknown) and ``depth_weight`` > 0 an L1 depth term.
         Returns the terms and their weighted ``total``.
         """
         c = self.loss_cfg
@@ -182,6 +183,11 @@ class ReconSystem(L.LightningModule):
         weights = {"color": 1.0, "alpha": c.get("alpha_weight", 1.0)}
         if self.surface is None:
             terms["sdf"], weights["sdf"] = self.geometry.sdf_regularizer(), self.sdf_weight()
+            nc_start = c.get("normal_consistency_start", 0.0) * self.pass1_steps
+            if c.get("normal_consistency_weight", 0.0) > 0 and self.global_step >= nc_start:
+                mesh = out["mesh"]
+                terms["normal_consistency"] = normal_consistency_loss(mesh.verts, mesh.faces)
+                weights["normal_consistency"] = c["normal_consistency_weight"]
         else:
             t = min(1.0, self.pass_step / max(1, self.pass2_steps))
             terms["laplace"] = self.surface.laplacian_regularizer()

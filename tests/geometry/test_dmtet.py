@@ -7,7 +7,7 @@ import torch
 import trimesh
 
 from recon.geometry.dmtet import DMTetGeometry, marching_tets, sdf_sign_loss
-from recon.geometry.mesh import Mesh, face_normals
+from recon.geometry.mesh import Mesh, face_normals, normal_consistency_loss
 from recon.geometry.tet_grid import make_tet_grid, tet_grid_edges
 
 
@@ -241,3 +241,29 @@ def test_cuda_round_trip():
     assert mesh.verts.is_cuda and mesh.faces.is_cuda
     cpu = geo.to("cpu")
     assert torch.equal(cpu().faces, mesh.faces.cpu())
+
+
+def test_normal_consistency_of_dmtet_surface_smooth_vs_noisy():
+    """The surface smoothness term on marching-tets meshes: ~0 for a sphere sdf, large once the sdf is noisy at the
+    scale of a cell, and its gradient reaches the sdf and the deformation, finite."""
+    torch.manual_seed(0)
+    geo = DMTetGeometry(tet_grid=12, init_radius=0.6)
+    mesh = geo()
+    smooth = normal_consistency_loss(mesh.verts, mesh.faces)
+    with torch.no_grad():
+        geo.sdf.add_(0.3 * geo.cell_size * torch.randn_like(geo.sdf))
+    mesh = geo()
+    noisy = normal_consistency_loss(mesh.verts, mesh.faces)
+    assert smooth.item() < 0.02 and noisy.item() > 5 * smooth.item()
+    noisy.backward()
+    assert torch.isfinite(geo.sdf.grad).all() and torch.isfinite(geo.deform.grad).all()
+    assert geo.sdf.grad.abs().sum() > 0 and geo.deform.grad.abs().sum() > 0
+
+    opt = torch.optim.Adam(geo.parameters(), lr=0.01)  # descent on the term alone smooths the surface
+    for _ in range(10):
+        opt.zero_grad()
+        mesh = geo()
+        loss = normal_consistency_loss(mesh.verts, mesh.faces)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * noisy.item()
