@@ -62,9 +62,13 @@ PIXEL_BYTES = {  # per rendered pixel of a pass-1 step (G-buffers, shading, the 
 HOST_PIXEL_BYTES = 2000             # on a CPU (torch rasterizer and hash grid): the slope between two runs of
 #                                     `train.py experiment=cpu` (2 cores): 128^2 x 4 -> 1.43 GB and data.resolution=256
 #                                     data.batch_size=8 -> 2.40 GB peak resident memory
-PASS2_PIXEL_BYTES = 600             # pass 2 (texture lookups, no hash grid) is not measured apart: the whole run's
-#                                     peak of nerf800-cuda-nvidia-h200.json (6.87 GiB) bounds pass 2's terms, which
-#                                     leaves at most 608 B per pixel
+FUSED_MLP_PIXEL_SAVING = 300        # model.material.fused_mlp on CUDA (one Triton kernel each way keeps no hidden
+#                                     activations) with the compiled shading and losses: nerf800-cuda-nvidia-h200.json
+#                                     (800^2 x 8, grid 128, 5000 + 5000 steps: 5.38 GiB peak, 459 B/px after the
+#                                     other terms, against 772 B/px before both; the quick runs predate them)
+PASS2_PIXEL_BYTES = 290             # pass 2 (texture lookups, no hash grid) is not measured apart: the whole run's
+#                                     peak of nerf800-cuda-nvidia-h200.json (5.38 GiB) bounds pass 2's terms, which
+#                                     leaves at most 294 B per pixel (608 B before its shading was compiled)
 GPU_FIXED_BYTES = 170_000_000       # the intercept of the two pure-PyTorch runs above (BSDF table, MLP, workspaces)
 HOST_FIXED_BYTES = 1_195_000_000    # cpu-small-cpu.json: 1.24 GB peak resident memory of the whole process (Python,
 #                                     torch, Lightning, export and evaluation) less its 0.05 GB of modelled terms
@@ -163,6 +167,12 @@ def hash_backend(cfg, device: str) -> str:
     return "tcnn" if tcnn_available() else "triton" if triton_available() else "torch"
 
 
+def _triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def hash_table_entries(encoding: dict) -> int:
     """Entries of the hash grid's table (all levels), as HashGridEncoding lays it out."""
     from recon.materials.hash_grid import level_layout
@@ -225,6 +235,8 @@ def estimate_memory(cfg, device: str | None = None, backend: str | None = None) 
         "tet grid": TET_BYTES_PER_CELL * tet**3,
     }
     pixel_bytes = PIXEL_BYTES.get(backend, PIXEL_BYTES["torch"]) if on_gpu else HOST_PIXEL_BYTES
+    if on_gpu and model["material"].get("fused_mlp", True) and _triton_importable():
+        pixel_bytes -= FUSED_MLP_PIXEL_SAVING
     pass1 = {**common, "pixels": pixel_bytes * batch * h * w}
     pass2 = {**common, "texture": TEXTURE_BYTES_PER_TEXEL * tex * tex,
              "pixels": min(pixel_bytes, PASS2_PIXEL_BYTES) * batch * h * w}
