@@ -277,6 +277,9 @@ def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
                     "chamfer_l1": geo.get("chamfer_l1"), **fscore, "triangles": metrics.get("triangles")},
         "pass1_seconds": timing.get("pass1_seconds"), "pass2_seconds": timing.get("pass2_seconds"),
         "bake_seconds": {k: timing.get(k) for k in ("cull_seconds", "simplify_seconds", "unwrap_seconds", "bake_seconds")},
+        "steady_iterations_per_second": {p: timing.get(f"{p}_iterations_per_second") for p in ("pass1", "pass2")},
+        "first_steps": {k: timing.get(k) for k in ("pass1_first_steps", "pass1_first_steps_seconds", "pass2_first_steps",
+                                                   "pass2_first_steps_seconds")},
         "stages": prof["stages"], "step_ms": prof["step_ms"], "wall_step_ms": prof.get("wall_step_ms"),
         "pass2": prof.get("pass2"), "profile_steps": prof.get("steps"),
     }
@@ -341,6 +344,16 @@ def result_markdown(r: dict) -> str:
               f"{_fmt(r.get('pass2_seconds'), '.1f')} s; at the boundary: "
               + ", ".join(f"{k.replace('_seconds', '')} {_fmt(v, '.1f')} s" for k, v in (r.get("bake_seconds") or {}).items())
               + "." if r.get("pass1_seconds") is not None else "")
+    steady, first = r.get("steady_iterations_per_second") or {}, r.get("first_steps") or {}
+    if steady.get("pass1") is not None:
+        passes += (f" Steady state {_fmt(1e3 / steady['pass1'], '.1f')} ms per pass-1 step"
+                   + (f", {_fmt(1e3 / steady['pass2'], '.1f')} ms per pass-2 step" if steady.get("pass2") else "") + ".")
+    if first.get("pass1_first_steps_seconds") is not None:
+        passes += (f" The first {first['pass1_first_steps']} steps of pass 1 took "
+                   f"{_fmt(first['pass1_first_steps_seconds'], '.1f')} s (first-use compilation)"
+                   + (f"; the pass switch and the first {first['pass2_first_steps']} steps of pass 2 "
+                      f"{_fmt(first['pass2_first_steps_seconds'], '.1f')} s (bake, pass-1 export, compilation)"
+                      if first.get("pass2_first_steps_seconds") is not None else "") + ".")
     before = _before_fit_seconds(r)
     if before is not None:
         passes += (f" Before the first step {before:.1f} s (imports, data, compiling; "

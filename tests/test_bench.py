@@ -70,6 +70,9 @@ def fake_result(preset: str, device: str = "cpu") -> dict:
         "preset": preset, "device": device, "device_name": "x86_64", "torch": "2.13.0", "git_commit": None,
         "config": {"resolution": [64, 64], "batch": 2, "tet_grid": 24, "steps": 150, "texture_res": 256},
         "pass1_seconds": 30.0, "pass2_seconds": 10.0, "bake_seconds": {"unwrap_seconds": 1.0},
+        "steady_iterations_per_second": {"pass1": 40.0, "pass2": 50.0},
+        "first_steps": {"pass1_first_steps": 20, "pass1_first_steps_seconds": 12.5, "pass2_first_steps": 20,
+                        "pass2_first_steps_seconds": 3.25},
         "pass2": {"stages": {name: {"median_ms": 0.5, "p90_ms": 0.7} for name in bench.STAGES},
                   "step_ms": {"median_ms": 4.0, "p90_ms": 5.6}, "triangles": 4000, "texture_res": 256},
         "wall_seconds": 60.0, "mesh_seconds": 50.0, "fit_seconds": 40.0, "export_seconds": 5.0,
@@ -89,6 +92,8 @@ def test_writers_json_markdown_and_summary(tmp_path):
         md = mpath.read_text()
         assert all(f"| {name} |" in md for name in bench.STAGES) and "| **total** | 28.00 | 35.00 | 4.00 | 5.60 |" in md
         assert "Pass 1 30.0 s" in md and "unwrap 1.0 s" in md
+        assert "Steady state 25.0 ms per pass-1 step, 20.0 ms per pass-2 step." in md
+        assert "The first 20 steps of pass 1 took 12.5 s" in md and "of pass 2 3.2 s" in md
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
     summary = bench.write_summary(tmp_path).read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| preset")]

@@ -57,6 +57,11 @@ def test_short_fit_writes_all_outputs(tmp_path):
     assert timing["passes"] == 2 and timing["steps"] == 5 and timing["pass1_seconds"] > 0
     # steady throughput: pass 1 over steps 1..3, pass 2 over steps 4..5 (the bake at step 3 left out)
     assert timing["pass1_iterations_per_second"] > 0 and timing["pass2_iterations_per_second"] > 0
+    # the one-off costs before those windows: pass 1's first step; the bake, pass-1 export and pass 2's first step
+    assert timing["pass1_first_steps"] == 1 and timing["pass2_first_steps"] == 1
+    assert 0 < timing["pass1_first_steps_seconds"] < timing["pass1_seconds"]
+    assert 0 < timing["pass2_first_steps_seconds"] and timing["pass1_first_steps_seconds"] + timing[
+        "pass2_first_steps_seconds"] < timing["fit_seconds"]
     summary = proc.stdout + proc.stderr  # the closing summary: where the exports are, the metrics, the time
     assert f"recon finished: {run}" in summary and "mesh.obj, mesh.glb, probe.hdr" in summary and "PSNR" in summary
     metrics = json.loads((run / "metrics.json").read_text())

@@ -102,6 +102,22 @@ def steady_throughput(step_times: dict[int, float], pl_module: L.LightningModule
     return out
 
 
+def start_up_seconds(step_times: dict[int, float], t0: float | None, pl_module: L.LightningModule, max_steps: int) -> dict:
+    """What each pass's first steps cost beyond its steady state, the one-off costs ``fit_seconds`` hides:
+    ``pass1_first_steps_seconds`` (fit start to the end of pass 1's first window mark: first-use compilation of the
+    CUDA plugin, Triton and Inductor kernels, allocator growth) and ``pass2_first_steps_seconds`` (end of pass 1 to
+    pass 2's first mark: the bake, the pass-1 export, pass 2's first compilations), with ``..._first_steps``, the
+    number of steps each covers."""
+    marks, out = throughput_marks(pl_module, max_steps), {}
+    if t0 is not None and marks[0] in step_times:
+        out["pass1_first_steps"] = marks[0]
+        out["pass1_first_steps_seconds"] = step_times[marks[0]] - t0
+    if len(marks) == 4 and marks[1] in step_times and marks[2] in step_times:
+        out["pass2_first_steps"] = marks[2] - marks[1]
+        out["pass2_first_steps_seconds"] = step_times[marks[2]] - step_times[marks[1]]
+    return out
+
+
 def peak_memory_per_rank(trainer: L.Trainer, pl_module: L.LightningModule) -> list[int] | None:
     """Peak allocated GPU memory of every rank (gathered to all), or None off CUDA."""
     if not (torch.cuda.is_available() and pl_module.device.type == "cuda"):
@@ -238,6 +254,7 @@ class MeshExport(L.Callback):
         if "pass1_seconds" in timing and fit_seconds is not None:
             timing["pass2_seconds"] = fit_seconds - timing["pass1_seconds"]
         timing.update(steady_throughput(self._step_times, pl_module, trainer.max_steps))
+        timing.update(start_up_seconds(self._step_times, self._t0, pl_module, trainer.max_steps))
         if peaks is not None:
             timing["peak_gpu_memory_bytes"] = max(peaks)
             timing["peak_gpu_memory_bytes_per_rank"] = peaks
