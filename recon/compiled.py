@@ -6,7 +6,8 @@ fuse into a few kernels, forward and backward, and the host launches far fewer. 
 `fused` wraps one and decides per call whether the compiled version runs.
 
 Modes (`set_mode`, ``model.render.compile`` in the config, or the ``RECON_COMPILE`` environment variable):
-  ``auto`` compile for CUDA tensors when Triton imports (the CPU stays eager: no C++ compiler is assumed);
+  ``auto`` compile for CUDA tensors when Triton imports and gradients are on (the CPU stays eager: no C++
+           compiler is assumed; no-grad calls, validation and the bake, stay eager instead of compiling again);
   ``on``   compile on any device; ``off`` never compile.
 A function whose compilation fails runs eagerly from then on, with one warning naming it; an error the eager
 function raises as well is raised as it is. Shapes are dynamic (the covered-pixel count changes every step), so a
@@ -64,8 +65,14 @@ def _wants_compile(args, kwargs) -> bool:
         return False
     if mode == "on":
         return True
+    if not torch.is_grad_enabled():  # validation, the bake, evaluation: a few renders, not worth a no-grad compile
+        return False
     first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-    return first is not None and first.is_cuda and _triton_ok()
+    return first is not None and _compiles_on(first)
+
+
+def _compiles_on(t: torch.Tensor) -> bool:
+    return t.is_cuda and _triton_ok()
 
 
 class _Fused:

@@ -129,6 +129,21 @@ def test_failed_compilation_falls_back_to_eager_with_a_warning(caplog):
         torch.testing.assert_close(a, b)
 
 
+def test_auto_mode_compiles_training_calls_only(monkeypatch):
+    """Under no_grad (validation, the bake, evaluation) 'auto' runs eagerly rather than compile a second graph."""
+    monkeypatch.setattr(compiled, "_compiles_on", lambda t: True)  # as for a CUDA tensor with Triton
+    compiled.set_mode("auto")
+    x = torch.ones(3)
+    assert compiled._wants_compile((x,), {})
+    with torch.no_grad():
+        assert not compiled._wants_compile((x,), {})
+    with torch.inference_mode():
+        assert not compiled._wants_compile((x,), {})
+    compiled.set_mode("on", backend="aot_eager")
+    with torch.no_grad():
+        assert compiled._wants_compile((x,), {})  # 'on' means every call
+
+
 def test_auto_mode_leaves_cpu_tensors_eager_and_bad_modes_are_named():
     compiled.set_mode("auto")
     _run(_cases()[2][1], _cases()[2][2])
