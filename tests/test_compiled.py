@@ -172,3 +172,26 @@ def test_inductor_kernels_match_eager_on_cuda(case):
     for k in grad:  # atomics sum in another order: errors relative to the gradient's scale (the mesh's reach ~1e3)
         atol = max(1e-5, 1e-5 * float(ref_grad[k].abs().max()))
         torch.testing.assert_close(grad[k], ref_grad[k], rtol=1e-4, atol=atol, msg=f"{name}: d/d{k}")
+
+
+def test_shading_compiles_once_for_material_channels_at_any_offset():
+    """Pass 1's roughness/metalness are a slice of the network's output, pass 2's of the texture's: the shading
+    functions must not compile again for the other storage offset (dynamic shapes would tie it to a size of 3)."""
+    from torch._dynamo.utils import counters
+
+    from recon.light import EnvironmentLight
+
+    light = EnvironmentLight(base_res=16, min_res=4, lut_resolution=16, lut_samples=16)
+    light.build_mips()
+    compiled.set_mode("on", backend="aot_eager")
+
+    def shade(n: int, channels: torch.Tensor, arm: torch.Tensor) -> None:
+        g = torch.Generator().manual_seed(n)
+        pos, nrm = torch.rand(n, 3, generator=g), _unit(torch.randn(n, 3, generator=g))
+        light.shade(pos, nrm, channels[:, 0:3], arm, torch.tensor([[0.0, 0.0, 3.0]]).expand(n, 3))
+
+    mat = torch.rand(500, 9)
+    shade(500, mat, mat[:, 3:6])
+    graphs = counters["stats"]["unique_graphs"]
+    shade(700, torch.rand(700, 9), torch.rand(700, 6)[:, 3:])  # another count, arm at another offset
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -340,6 +340,9 @@ class EnvironmentLight(nn.Module):
         if view_pos.dim() == 2 and gb_pos.dim() > 2 and view_pos.shape[0] == gb_pos.shape[0]:
             view_pos = view_pos.reshape(view_pos.shape[0], *([1] * (gb_pos.dim() - 2)), 3)
         levels = (self.num_levels, self.min_roughness, self.max_roughness)
+        # a slice of the material's channels would carry its storage offset into the compiled functions' guards,
+        # where dynamic shapes tie it to a size of 3: pass 2's texture channels would then compile them again
+        arm = arm.clone(memory_format=torch.contiguous_format) if arm.storage_offset() else arm
         diff_col, spec_col, n_dot_v, reflvec, mip = _split_sum_inputs(gb_pos, gb_normal, kd, arm, view_pos, specular,
                                                                       *levels)
         cube_lookup = sample_cube_mips if rasterizer is None else rasterizer.cube_texture
