@@ -60,18 +60,19 @@ def marching_tets_topology(
     corners, triangle_table, num_triangles = tables
     inside_t = inside[tets]  # [Nt,4]
     n_inside = inside_t.sum(dim=1)
-    valid = (n_inside > 0) & (n_inside < 4)
-    tets, inside_t = tets[valid], inside_t[valid]  # filter first: usually a few %
+    valid = ((n_inside > 0) & (n_inside < 4)).nonzero().squeeze(1)  # filter first: usually a few %
+    tets, inside_t = tets.index_select(0, valid), inside_t.index_select(0, valid)  # one host sync for both
 
     ends = tets[:, corners]  # [T,6,2]
-    crossing = inside_t[:, corners[:, 0]] != inside_t[:, corners[:, 1]]  # [T,6]
+    crossing = (inside_t[:, corners[:, 0]] != inside_t[:, corners[:, 1]]).reshape(-1).nonzero().squeeze(1)  # of T*6
     lo, hi = ends.min(dim=2).values, ends.max(dim=2).values
     n = inside.shape[0]
     # One int64 key per undirected edge: a 1-D unique is far cheaper than unique(dim=0) on pairs.
-    keys, edge_id = torch.unique((lo * n + hi)[crossing], return_inverse=True)
+    keys, edge_id = torch.unique((lo * n + hi).reshape(-1).index_select(0, crossing), return_inverse=True)
     edges = torch.stack([keys // n, keys % n], dim=1)
-    idx_map = torch.full(crossing.shape, -1, dtype=torch.int64, device=device)
-    idx_map[crossing] = edge_id
+    idx_map = torch.full((tets.shape[0] * 6,), -1, dtype=torch.int64, device=device)
+    idx_map[crossing] = edge_id  # integer positions: no second host sync
+    idx_map = idx_map.view(-1, 6)
 
     case = (inside_t.long() * (2 ** torch.arange(4, device=device))).sum(dim=1)
     table = triangle_table[case]  # [T,6]
