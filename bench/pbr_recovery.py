@@ -4,6 +4,8 @@ Fits the built-in scene's PBR variant (uniform PBR_MATERIAL under the "sky" ligh
 on disk:
 - the albedo, roughness and metalness of the exported textures (mean over the mesh's faces) against the truth,
   and the diffuse reflectance kd * (1 - metallic) (what the diffuse term of the shading sees);
+- the export's shading normals against the true object's (``surface``, see `surface_normals`): roughness widens
+  the specular lobe to cover normal error, so it is only recovered where the normals are;
 - relighting: the export rendered under the *other* known light ("sunset", its probe given to recon.eval) against
   the ground-truth renders under that light, PSNR on the object's pixels; raw, and after one global scale
   (albedo and light intensity are ambiguous up to a factor: a brighter light with a darker albedo gives the same
@@ -33,8 +35,9 @@ if str(ROOT) not in sys.path:
 from recon.color import linear_to_srgb
 from recon.data.frames import FrameDataset
 from recon.data.sources import load_frames
-from recon.data.synthetic_scene import PBR_MATERIAL, builtin_scene
+from recon.data.synthetic_scene import PBR_MATERIAL, builtin_scene, scene_sdf
 from recon.eval.evaluate import load_export, load_light, read_run_info, render_export
+from recon.geometry.mesh import face_normals
 from recon.render import make_rasterizer
 
 
@@ -49,6 +52,28 @@ def face_means(export: dict) -> dict:
         return tex[0, ij[:, 1], ij[:, 0]].mean(0)
 
     return {"kd": at(export["kd"]).tolist(), "ks": at(export["ks"]).tolist()}
+
+
+def surface_normals(export: dict) -> dict:
+    """How far the export's shading normals are from the object's: area-weighted over faces, the cosine between the
+    mesh's vertex normals averaged at each face and the true SDF's gradient at the face centroid (``normal_cos``),
+    the fraction of the area where they differ by more than 18 degrees, and the mean |true SDF| at the centroids
+    (distance to the true surface, scene units). Roughness absorbs normal error: a fit that cannot place the
+    specular lobe sharply widens it."""
+    mesh = export["mesh"]
+    verts, faces = mesh.verts.double(), mesh.faces
+    area = face_normals(verts, faces).norm(dim=-1)
+    centroid = verts[faces].mean(1).requires_grad_(True)
+    with torch.enable_grad():
+        sdf = scene_sdf(centroid)
+        (grad,) = torch.autograd.grad(sdf.sum(), centroid)
+    true_n = torch.nn.functional.normalize(grad, dim=-1)
+    shading_n = torch.nn.functional.normalize(mesh.normals.double()[faces].mean(1), dim=-1)
+    cos = (shading_n * true_n).sum(-1)
+    ok = torch.isfinite(cos) & (area > 0)
+    w = area[ok] / area[ok].sum()
+    return {"normal_cos": float((cos[ok] * w).sum()), "area_over_18deg": float((w * (cos[ok] < 0.951)).sum()),
+            "mean_abs_sdf": float((sdf.detach().abs()[ok] * w).sum())}
 
 
 @torch.no_grad()
@@ -96,6 +121,7 @@ def measure(run_dir: Path, relit_scene: Path, device: str = "cpu", backend: str 
         "error": {"kd_max_abs": max(abs(a - b) for a, b in zip(means["kd"], truth["kd"])),
                   "diffuse_max_abs": max(abs(a - b) for a, b in zip(diffuse, true_diffuse)),
                   "roughness": means["ks"][1] - truth["roughness"], "metallic": means["ks"][2] - truth["metallic"]},
+        "surface": surface_normals(export),
         "relit": object_psnr(run_dir, relit_scene, relit_scene / "light.hdr", device, backend),
         "learned_light_on_relit_views": object_psnr(run_dir, relit_scene, run_dir / "probe.hdr", device, backend),
         "learned_light_on_training_light_views": None,

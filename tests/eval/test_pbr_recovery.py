@@ -54,6 +54,18 @@ def test_fit_under_known_light_recovers_materials_and_relights(tmp_path, monkeyp
     and it is as high (0.68, seed 0) on the faces whose normals are within 18 degrees of the truth; applied from mid
     pass 1 on (normal_consistency_start=0.5) it relights better (24.6 / 23.7 / 23.3 dB) at roughness 0.75 / 0.72 / 0.72.
     A longer pass 1 (600 steps) raises roughness to 0.80, a lower lr_geometry (0.01) gives 0.76 (seed 0).
+    Where it comes from (seed 0): roughness is already 0.77 in the pass-1 bake (pass 2 leaves it); a uniform
+    (kd, roughness, metallic) refit under the sky probe on the fitted pass-1 mesh gives 0.72 with the mesh's own
+    normals and 0.42 with the true SDF's normals at the same points (0.39 on the ground-truth mesh), so it is the
+    shading normals, not the material field, the light's mip selection or pass 2. The geometry optimisation itself
+    degrades them: started from the true SDF and trained, the surface leaves the truth within the first steps
+    (roughness 0.78 at lr_geometry 0.03, 0.74 at 0.003, 0.51 at 0.0003; 0.75 at 0.003 with 16 views a step, so not
+    minibatch noise), and with the true materials pinned the trained surface's normals fall to a cosine of 0.50
+    (0.54 without the deformation, 0.70 without the SDF regulariser, 0.98 at lr_geometry 0.0003) while its colour
+    loss rises above the truth's. With the material free, neither the SDF regulariser, the deformation, the random
+    background, Adam's eps/beta2 nor the gradient through the shading normals changes the result; pinning roughness
+    to 0.4 for the first half of pass 1 ends at 0.47 but by trading it for metallic (0.38) on an equally bumpy
+    surface. The export's normal error is reported by bench/pbr_recovery.py under ``surface``.
     The albedo's excess (kd ~25 % bright) is the other side of metallic being a little high: the diffuse colour
     kd*(1-metal) is what the photos pin down, hence its tighter bound.
     """
