@@ -22,6 +22,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from recon.optional import triton_importable
+
 log = logging.getLogger(__name__)
 MODES = ("auto", "on", "off")
 F = TypeVar("F", bound=Callable)
@@ -49,16 +51,6 @@ def get_mode() -> str:
     return _state["mode"]
 
 
-@functools.cache
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401, PLC0415
-
-        return True
-    except Exception:  # not installed, or a build that fails to load
-        return False
-
-
 def _wants_compile(args, kwargs) -> bool:
     mode = _state["mode"]
     if mode == "off" or torch.compiler.is_compiling():
@@ -72,7 +64,7 @@ def _wants_compile(args, kwargs) -> bool:
 
 
 def _compiles_on(t: torch.Tensor) -> bool:
-    return t.is_cuda and _triton_ok()
+    return t.is_cuda and triton_importable()
 
 
 class _Fused:

@@ -14,3 +14,8 @@ def optional_module(name: str) -> ModuleType | None:
         return importlib.import_module(name)
     except Exception:
         return None
+
+
+def triton_importable() -> bool:
+    """Whether ``triton`` imports in this process (its kernels, recon's and Inductor's, can run on CUDA)."""
+    return optional_module("triton") is not None

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from recon.callbacks.failure_report import MEMORY_SETTINGS, FitFailure
+from recon.optional import triton_importable
 
 GIB = 2**30
 
@@ -167,12 +168,6 @@ def hash_backend(cfg, device: str) -> str:
     return "tcnn" if tcnn_available() else "triton" if triton_available() else "torch"
 
 
-def _triton_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 def hash_table_entries(encoding: dict) -> int:
     """Entries of the hash grid's table (all levels), as HashGridEncoding lays it out."""
     from recon.materials.hash_grid import level_layout
@@ -235,7 +230,7 @@ def estimate_memory(cfg, device: str | None = None, backend: str | None = None) 
         "tet grid": TET_BYTES_PER_CELL * tet**3,
     }
     pixel_bytes = PIXEL_BYTES.get(backend, PIXEL_BYTES["torch"]) if on_gpu else HOST_PIXEL_BYTES
-    if on_gpu and model["material"].get("fused_mlp", True) and _triton_importable():
+    if on_gpu and model["material"].get("fused_mlp", True) and triton_importable():
         pixel_bytes -= FUSED_MLP_PIXEL_SAVING
     pass1 = {**common, "pixels": pixel_bytes * batch * h * w}
     pass2 = {**common, "texture": TEXTURE_BYTES_PER_TEXEL * tex * tex,

@@ -430,9 +430,6 @@ class ReconSystem(L.LightningModule):
         named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
         report = self.nonfinite.check(self.global_step, self.current_pass, optimizer, named, terms)
         if report is not None:
-            if self.optim_cfg.get("skip_nonfinite", False):  # Adam leaves parameters without a gradient untouched
-                for p in self.parameters():
-                    p.grad = None
             self._on_nonfinite(report)
 
     def _poll_nonfinite(self) -> None:
@@ -442,6 +439,8 @@ class ReconSystem(L.LightningModule):
 
     def _on_nonfinite(self, report: NonFiniteReport) -> None:
         if self.optim_cfg.get("skip_nonfinite", False):
+            for p in self.parameters():  # a step checked at once: Adam leaves parameters without a gradient untouched
+                p.grad = None
             self.skipped_steps += report.count
             log.warning("skipped %s: %s", "step %d" % report.step if report.count == 1 else f"{report.count} steps",
                         report.message)

@@ -106,6 +106,13 @@ def normals_and_tangents(verts: Tensor, faces: Tensor, uv: Tensor, uv_faces: Ten
     return normals, tangents, tangent_handedness(verts, faces, uv, uv_faces, normals, tangents)
 
 
+def edge_ends(faces: Tensor) -> tuple[Tensor, Tensor]:
+    """The smaller and larger vertex index of every face's three edges, [3*Nf] each (edges 0-1 of all faces, then
+    1-2, then 2-0): an edge shared by two faces appears twice with the same ends."""
+    pairs = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=0)
+    return pairs.min(dim=1).values, pairs.max(dim=1).values
+
+
 def laplacian_uniform(verts_count: int, faces: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform graph Laplacian `L = I - D^-1 A` as a sparse COO `[Nv,Nv]` tensor.
 
@@ -113,8 +120,7 @@ def laplacian_uniform(verts_count: int, faces: Tensor, dtype: torch.dtype = torc
     vertex i minus the mean of its neighbours. Rows of isolated vertices are zero.
     """
     device = faces.device
-    pairs = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=0)
-    lo, hi = pairs.min(dim=1).values, pairs.max(dim=1).values
+    lo, hi = edge_ends(faces)
     key = torch.unique(lo * verts_count + hi)
     lo, hi = key // verts_count, key % verts_count
     rows, cols = torch.cat([lo, hi]), torch.cat([hi, lo])
@@ -151,8 +157,8 @@ def face_adjacency(faces: Tensor) -> Tensor:
     """
     if faces.shape[0] == 0:
         return faces.new_zeros(0, 2)
-    pairs = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], dim=0)
-    key = pairs.min(dim=1).values * (faces.max() + 1) + pairs.max(dim=1).values  # no host sync
+    lo, hi = edge_ends(faces)
+    key = lo * (faces.max() + 1) + hi  # no host sync
     key, order = torch.sort(key)
     face = order % faces.shape[0]
     same = key[1:] == key[:-1]
