@@ -306,7 +306,7 @@ SUMMARY_HEADER = ("preset", "device", "res", "batch", "grid", "steps", "wall s",
 def summary_row(r: dict) -> list[str]:
     c, q = r["config"], r.get("quality", {})
     gib = 1.0 / 2**30
-    return [r["preset"], r["device"], "x".join(str(v) for v in c["resolution"]), str(c["batch"]), str(c["tet_grid"]),
+    return [r.get("name") or r["preset"], r["device"], "x".join(str(v) for v in c["resolution"]), str(c["batch"]), str(c["tet_grid"]),
             str(c["steps"]), _fmt(r.get("wall_seconds"), ".1f"), _fmt(r.get("fit_seconds"), ".1f"),
             _fmt(r.get("export_seconds"), ".1f"), _fmt(r.get("iterations_per_second"), ".1f"),
             _fmt(r.get("peak_gpu_memory_bytes"), ".2f", gib), _fmt(r.get("peak_host_memory_bytes"), ".2f", gib),
@@ -359,6 +359,8 @@ def result_markdown(r: dict) -> str:
         passes += (f" Before the first step {before:.1f} s (imports, data, compiling; "
                    + ("warm start: scene cached, plugin and kernels compiled by an earlier run" if r.get("warm_start")
                       else "cold start") + ").")
+    if r.get("overrides"):
+        passes += " Overrides: " + " ".join(f"`{o}`" for o in r["overrides"]) + "."
     return (f"## {r['preset']} on {r['device']} ({r.get('device_name') or ''}, torch {r['torch']}, "
             f"commit {(r.get('git_commit') or 'unknown')[:10]})\n\n" + _table(SUMMARY_HEADER, [summary_row(r)]) + passes
             + f"\n\nPer-stage time of one training step ({r.get('profile_steps')} steps after warm-up"
@@ -422,6 +424,7 @@ def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, ru
         prof = profile_stages(cfg, steps=profile_steps, warmup=warmup, run_dir=run_dir / preset)
     r = assemble_result(preset, cfg, e2e, prof)
     r["warm_start"], r["warm_start_seconds"], r["name"] = warm, warm_seconds, name or preset
+    r["overrides"] = list(overrides)
     jpath, _ = write_result(r, out_dir)
     print(result_markdown(r))
     print(f"wrote {jpath} and {jpath.with_suffix('.md')}")

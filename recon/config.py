@@ -101,7 +101,7 @@ class LightConfig:
 @dataclass
 class RenderConfig:
     backend: str = "auto"                 # auto | torch | nvdiffrast
-    compile: str = "auto"                 # torch.compile the shading and losses: auto (CUDA) | on | off
+    compile: str = "off"                  # torch.compile the shading and losses: off | auto (CUDA) | on
 
 
 @dataclass
@@ -130,6 +130,7 @@ class OptimConfig:
     lr_texture: float = 0.01              # pass 2: the 9-channel texture
     warmup_steps: int = 0
     lr_final_factor: float = 0.1          # lr multiplier reached at the end of each pass (exponential decay)
+    lr_geometry_final_factor: Optional[float] = None  # pass 1's geometry group's own final factor (null: lr_final_factor)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
     skip_nonfinite: bool = False          # drop steps with a non-finite loss or gradient instead of stopping
     nonfinite_check_every: Optional[int] = None  # steps between host reads of that check (null: 1 on CPU, 50 on GPU)

@@ -63,13 +63,15 @@ PIXEL_BYTES = {  # per rendered pixel of a pass-1 step (G-buffers, shading, the 
 HOST_PIXEL_BYTES = 2000             # on a CPU (torch rasterizer and hash grid): the slope between two runs of
 #                                     `train.py experiment=cpu` (2 cores): 128^2 x 4 -> 1.43 GB and data.resolution=256
 #                                     data.batch_size=8 -> 2.40 GB peak resident memory
-FUSED_MLP_PIXEL_SAVING = 300        # model.material.fused_mlp on CUDA (one Triton kernel each way keeps no hidden
-#                                     activations) with the compiled shading and losses: nerf800-cuda-nvidia-h200.json
-#                                     (800^2 x 8, grid 128, 5000 + 5000 steps: 5.38 GiB peak, 459 B/px after the
-#                                     other terms, against 772 B/px before both; the quick runs predate them)
-PASS2_PIXEL_BYTES = 290             # pass 2 (texture lookups, no hash grid) is not measured apart: the whole run's
-#                                     peak of nerf800-cuda-nvidia-h200.json (5.38 GiB) bounds pass 2's terms, which
-#                                     leaves at most 294 B per pixel (608 B before its shading was compiled)
+FUSED_MLP_PIXEL_SAVING = 145        # model.material.fused_mlp on CUDA (one Triton kernel each way keeps no hidden
+#                                     activations), shading eager: nerf800-cuda-nvidia-h200.json (800^2 x 8, grid 128,
+#                                     5000 + 5000 steps: 6.18 GiB peak, 627 B/px after the other terms, against 772)
+COMPILED_PIXEL_SAVING = 162         # model.render.compile=auto/on on CUDA (Inductor fuses the shading and losses and
+#                                     keeps fewer intermediates for backward): nerf800-compiled-cuda-nvidia-h200.json
+#                                     (the same fit compiled: 5.41 GiB peak, 464 B/px)
+PASS2_PIXEL_BYTES = 460             # pass 2 (texture lookups, no hash grid), shading eager, is not measured apart:
+#                                     the whole run's peak (nerf800-cuda-nvidia-h200.json, 6.18 GiB) bounds pass 2's
+#                                     terms, which leaves at most 463 B per pixel (301 B compiled)
 GPU_FIXED_BYTES = 170_000_000       # the intercept of the two pure-PyTorch runs above (BSDF table, MLP, workspaces)
 HOST_FIXED_BYTES = 1_195_000_000    # cpu-small-cpu.json: 1.24 GB peak resident memory of the whole process (Python,
 #                                     torch, Lightning, export and evaluation) less its 0.05 GB of modelled terms
@@ -230,11 +232,16 @@ def estimate_memory(cfg, device: str | None = None, backend: str | None = None) 
         "tet grid": TET_BYTES_PER_CELL * tet**3,
     }
     pixel_bytes = PIXEL_BYTES.get(backend, PIXEL_BYTES["torch"]) if on_gpu else HOST_PIXEL_BYTES
+    pass2_pixel_bytes = PASS2_PIXEL_BYTES
     if on_gpu and model["material"].get("fused_mlp", True) and triton_importable():
         pixel_bytes -= FUSED_MLP_PIXEL_SAVING
+    if on_gpu and str(model.get("render", {}).get("compile", "off")).lower() in ("auto", "on", "true") \
+            and triton_importable():
+        pixel_bytes -= COMPILED_PIXEL_SAVING
+        pass2_pixel_bytes -= COMPILED_PIXEL_SAVING
     pass1 = {**common, "pixels": pixel_bytes * batch * h * w}
     pass2 = {**common, "texture": TEXTURE_BYTES_PER_TEXEL * tex * tex,
-             "pixels": min(pixel_bytes, PASS2_PIXEL_BYTES) * batch * h * w}
+             "pixels": min(pixel_bytes, pass2_pixel_bytes) * batch * h * w}
     if int(model.get("pass2_steps", 1)) == 0:  # pass 1 only: the export bakes the texture once, no pass-2 training
         pass2 = {**common, "texture": BAKE_BYTES_PER_TEXEL * tex * tex}
     setup = {**common, "light": (LIGHT_BYTES_PER_TEXEL + LIGHT_BUILD_BYTES_PER_TEXEL) * light * light}

@@ -93,7 +93,7 @@ class ReconSystem(L.LightningModule):
         self.surface: FixedTopologyMesh | None = None  # pass 2
         self.textures: TexturePBRMaterial | None = None
         self.render_cfg, self.loss_cfg, self.optim_cfg, self.bake_cfg = dict(render), dict(loss), dict(optim), dict(bake)
-        compiled.set_mode(self.render_cfg.get("compile", "auto"))
+        compiled.set_mode(self.render_cfg.get("compile", "off"))
         self.pass1_steps, self.pass2_steps = int(pass1_steps), int(pass2_steps)
         if self.pass1_steps <= 0 or self.pass2_steps < 0:
             raise ValueError(f"model.pass1_steps={pass1_steps} must be > 0 and model.pass2_steps={pass2_steps} >= 0.")
@@ -403,7 +403,11 @@ class ReconSystem(L.LightningModule):
         fused = self.device.type == "cuda" or self.nonfinite_check_every() > 1
         opt = torch.optim.Adam(groups, betas=betas, eps=1e-15 if o.get("tiny_eps", True) else 1e-8, fused=fused)
         warm, final = int(o.get("warmup_steps", 0)), float(o.get("lr_final_factor", 0.1))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, max(steps - warm, 1), final))
+        geometry_final = o.get("lr_geometry_final_factor")
+        finals = [float(geometry_final) if g["name"] == "geometry" and geometry_final is not None else final
+                  for g in groups]
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [lambda s, f=f: lr_factor(s, warm, max(steps - warm, 1), f) for f in finals])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _logs_this_step(self) -> bool:

@@ -94,10 +94,13 @@ def test_writers_json_markdown_and_summary(tmp_path):
         assert "Pass 1 30.0 s" in md and "unwrap 1.0 s" in md
         assert "Steady state 25.0 ms per pass-1 step, 20.0 ms per pass-2 step." in md
         assert "The first 20 steps of pass 1 took 12.5 s" in md and "of pass 2 3.2 s" in md
+        assert "Overrides" not in md
+    r = {**fake_result("quick"), "name": "quick-eager", "overrides": ["model.render.compile=off"]}
+    assert "Overrides: `model.render.compile=off`." in bench.write_result(r, tmp_path)[1].read_text()
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
     summary = bench.write_summary(tmp_path).read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| preset")]
-    assert len(rows) == 2 and {r.split(" | ")[0][2:] for r in rows} == {"cpu-small", "quick"}
+    assert len(rows) == 3 and {r.split(" | ")[0][2:] for r in rows} == {"cpu-small", "quick", "quick-eager"}
     assert "| 40.0 |" in rows[0] and "| 25.00 |" in rows[0] and "| 0.8000 |" in rows[0]
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 

@@ -150,13 +150,22 @@ def test_auto_mode_leaves_cpu_tensors_eager_and_bad_modes_are_named():
     assert _split_sum_combine.compiled is None
     with pytest.raises(ValueError, match="model.render.compile='fast'"):
         compiled.set_mode("fast")
+    for spelled, mode in (("false", "off"), (False, "off"), ("True", "on"), ("OFF", "off")):  # YAML reads off as false
+        compiled.set_mode(spelled)
+        assert compiled.get_mode() == mode
+
+
+def test_the_default_config_runs_eagerly():
+    """At nvdiffrec's step counts compiling costs more start-up than it saves (see recon.compiled): off by default."""
+    from recon.fit import compose_config
+    assert compose_config(["experiment=nerf800"]).model.render.compile == "off"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("case", range(5))
 def test_inductor_kernels_match_eager_on_cuda(case):
-    """What a CUDA fit runs by default (mode 'auto': Inductor's generated kernels) against the eager functions."""
+    """What a CUDA fit runs with model.render.compile=auto (Inductor's generated kernels) against the eager functions."""
     name, fn, inputs = _cases(n=20000)[case]
     inputs = {k: v.cuda() for k, v in inputs.items()}
     compiled.set_mode("off")

@@ -19,6 +19,7 @@ BENCH = ROOT / "bench" / "results"
 
 
 UNFUSED = ["model.material.fused_mlp=false"]  # runs made before the fused MLP existed
+COMPILED = ["model.render.compile=auto"]
 
 
 @pytest.mark.parametrize("result, experiment, device, backend, measured, overrides", [
@@ -26,6 +27,7 @@ UNFUSED = ["model.material.fused_mlp=false"]  # runs made before the fused MLP e
     ("quick-torch-hash-cuda-nvidia-h200.json", "quick", "cuda:0", "torch", "peak_gpu_memory_bytes", UNFUSED),
     ("nerf800-short-cuda-nvidia-h200.json", "nerf800", "cuda:0", "torch", "peak_gpu_memory_bytes", UNFUSED),
     ("nerf800-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", []),
+    ("nerf800-compiled-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", COMPILED),
     ("cpu-small-cpu.json", "cpu_small", "cpu", "torch", "peak_host_memory_bytes", []),
 ])
 def test_estimate_reproduces_the_benchmark_runs(result, experiment, device, backend, measured, overrides,
