@@ -151,3 +151,23 @@ def test_short_fit_on_gpu_exports(tmp_path):
 
 def test_experiment_name_names_the_run_dir():
     assert compose_train("experiment=cpu").name == "cpu" and compose_train().name == "recon"
+
+
+def test_learning_rates_decay_per_group_to_their_final_factors():
+    """nvdiffrec's exponential decay reaches model.optim.lr_final_factor at the end of a pass; the pass-1 geometry
+    group can be given its own final factor (model.optim.lr_geometry_final_factor)."""
+    import hydra
+
+    from recon.fit import compose_config
+    cfg = compose_config(["experiment=cpu_small", "model.pass1_steps=40", "model.optim.lr_geometry_final_factor=0.01"])
+    system = hydra.utils.instantiate(cfg.model)
+    conf = system.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    for _ in range(40):
+        opt.step()
+        sched.step()
+    lr = {g["name"]: g["lr"] for g in opt.param_groups}
+    o = cfg.model.optim
+    assert lr["geometry"] == pytest.approx(o.lr_geometry * 0.01)
+    assert lr["material"] == pytest.approx(o.lr_material * o.lr_final_factor)
+    assert lr["light"] == pytest.approx(o.lr_light * o.lr_final_factor)
