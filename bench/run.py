@@ -335,7 +335,7 @@ def result_markdown(r: dict) -> str:
         s2 = p2["stages"].get(name) if p2 else None
         rows.append([name, _fmt(s["median_ms"], ".2f"), _fmt(s["p90_ms"], ".2f")]
                     + ([_fmt(s2["median_ms"], ".2f"), _fmt(s2["p90_ms"], ".2f")] if p2 else []))
-    total = [_fmt(r["step_ms"]["median_ms"], ".2f"), _fmt(r["step_ms"]["p90_ms"], ".2f")]
+    total = [_fmt(r["step_ms"].get("median_ms"), ".2f"), _fmt(r["step_ms"].get("p90_ms"), ".2f")]
     if p2:
         total += [_fmt(p2["step_ms"]["median_ms"], ".2f"), _fmt(p2["step_ms"]["p90_ms"], ".2f")]
     rows.append(["**total**", *total])
@@ -361,11 +361,13 @@ def result_markdown(r: dict) -> str:
                       else "cold start") + ").")
     if r.get("overrides"):
         passes += " Overrides: " + " ".join(f"`{o}`" for o in r["overrides"]) + "."
+    stages = ("\n\nNo per-stage profile (--profile-steps 0)." if not r["stages"] else
+              f"\n\nPer-stage time of one training step ({r.get('profile_steps')} steps after warm-up"
+              + (f"; pass 2 on {p2.get('triangles')} triangles, {p2.get('texture_res')}² textures" if p2 else "")
+              + "):\n\n" + _table(header, rows))
     return (f"## {r['preset']} on {r['device']} ({r.get('device_name') or ''}, torch {r['torch']}, "
             f"commit {(r.get('git_commit') or 'unknown')[:10]})\n\n" + _table(SUMMARY_HEADER, [summary_row(r)]) + passes
-            + f"\n\nPer-stage time of one training step ({r.get('profile_steps')} steps after warm-up"
-            + (f"; pass 2 on {p2.get('triangles')} triangles, {p2.get('texture_res')}² textures" if p2 else "")
-            + "):\n\n" + _table(header, rows) + "\n")
+            + stages + "\n")
 
 
 def write_result(r: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -415,13 +417,18 @@ def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, ru
                  overrides: list[str], warm: bool = False, name: str | None = None) -> dict:
     cfg = compose_config(preset, overrides)
     warm_seconds = warm_start(preset, overrides) if warm else None
+    def profile(run: Path) -> dict:
+        if profile_steps <= 0:  # the end-to-end run alone
+            return {"device": device_label(training_device(cfg)), "stages": {}, "step_ms": {}, "steps": 0}
+        return profile_stages(cfg, steps=profile_steps, warmup=warmup, run_dir=run)
+
     if run_dir is None:
         with tempfile.TemporaryDirectory(prefix=f"bench-{preset}-") as tmp:
             e2e = run_end_to_end(preset, Path(tmp) / "run", overrides)
-            prof = profile_stages(cfg, steps=profile_steps, warmup=warmup, run_dir=Path(tmp) / "run")
+            prof = profile(Path(tmp) / "run")
     else:
         e2e = run_end_to_end(preset, run_dir / preset, overrides)
-        prof = profile_stages(cfg, steps=profile_steps, warmup=warmup, run_dir=run_dir / preset)
+        prof = profile(run_dir / preset)
     r = assemble_result(preset, cfg, e2e, prof)
     r["warm_start"], r["warm_start_seconds"], r["name"] = warm, warm_seconds, name or preset
     r["overrides"] = list(overrides)
@@ -435,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("presets", nargs="+", help="experiments in conf/experiment/ (cpu-small, quick, nerf800, ...)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--profile-steps", type=int, default=30)
+    ap.add_argument("--profile-steps", type=int, default=30, help="steps of the per-stage profile (0: none)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps before the profiled ones")
     ap.add_argument("--run-dir", type=Path, default=None,
                     help="keep the training runs in RUN_DIR/<preset> (default: a temporary folder, deleted)")

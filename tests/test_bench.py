@@ -95,8 +95,10 @@ def test_writers_json_markdown_and_summary(tmp_path):
         assert "Steady state 25.0 ms per pass-1 step, 20.0 ms per pass-2 step." in md
         assert "The first 20 steps of pass 1 took 12.5 s" in md and "of pass 2 3.2 s" in md
         assert "Overrides" not in md
-    r = {**fake_result("quick"), "name": "quick-eager", "overrides": ["model.render.compile=off"]}
-    assert "Overrides: `model.render.compile=off`." in bench.write_result(r, tmp_path)[1].read_text()
+    r = {**fake_result("quick"), "name": "quick-eager", "overrides": ["model.render.compile=off"],
+         "stages": {}, "step_ms": {}, "pass2": None, "profile_steps": 0}  # --profile-steps 0: the run alone
+    md = bench.write_result(r, tmp_path)[1].read_text()
+    assert "Overrides: `model.render.compile=off`." in md and "No per-stage profile" in md and "| light |" not in md
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
     summary = bench.write_summary(tmp_path).read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| preset")]

@@ -58,13 +58,18 @@ class NeuralPBRMaterial(nn.Module):
     go to `MLPTexture3D` (``n_neurons``, ``n_hidden_layers``, ``encoding``, ``backend``).
     ``smoothness_jitter`` is the standard deviation (scene units) of the offset used by `sample`'s
     albedo-smoothness term (nvdiffrec: 0.01).
+    ``position_grad``: whether gradients flow from the material back into the points (nvdiffrec: yes; the surface
+    then also moves to look up other material values). False treats the points as constants: the encoding's
+    backward skips its input gradient.
     """
 
-    def __init__(self, aabb: Tensor, bounds: Tensor | None = None, smoothness_jitter: float = 0.01, **mlp):
+    def __init__(self, aabb: Tensor, bounds: Tensor | None = None, smoothness_jitter: float = 0.01,
+                 position_grad: bool = True, **mlp):
         super().__init__()
         bounds = channel_bounds() if bounds is None else torch.as_tensor(bounds, dtype=torch.float32)
         self.field = MLPTexture3D(aabb, channels=CHANNELS, min_max=bounds, **mlp)
         self.smoothness_jitter = float(smoothness_jitter)
+        self.position_grad = bool(position_grad)
 
     @property
     def bounds(self) -> Tensor:
@@ -74,6 +79,8 @@ class NeuralPBRMaterial(nn.Module):
         """Material at world points [N,3]: ``kd``, ``ks``, ``nrm`` [N,3]; with ``smoothness`` also ``kd_grad`` [N,1],
         the mean absolute albedo change over a random offset of ``smoothness_jitter`` (nvdiffrec's kd regulariser),
         drawn from ``generator`` (on the points' device; None: torch's global generator)."""
+        if not self.position_grad:
+            points = points.detach()
         if smoothness:
             offset = torch.randn(points.shape, generator=generator, device=points.device, dtype=points.dtype)
             jittered = points + offset * self.smoothness_jitter

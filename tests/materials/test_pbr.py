@@ -30,6 +30,24 @@ def test_neural_material_in_bounds_with_smoothness():
     torch.testing.assert_close(mat.sample(pts), values)
 
 
+@pytest.mark.parametrize("position_grad", [True, False])
+def test_position_grad_decides_whether_the_points_get_gradients(position_grad):
+    """nvdiffrec lets the material's gradient move the surface points; position_grad=False detaches them, and the
+    network still trains."""
+    torch.manual_seed(0)
+    aabb = torch.tensor([[-1.0, -1, -1], [1, 1, 1]])
+    mat = NeuralPBRMaterial(aabb, n_neurons=16, n_hidden_layers=1, position_grad=position_grad,
+                            encoding={"n_levels": 4, "log2_hashmap_size": 10, "max_resolution": 64})
+    pts = (torch.rand(300, 3) * 2 - 1).requires_grad_()
+    out = mat(pts, smoothness=True)
+    (out["kd"].sum() + out["ks"].sum() + out["kd_grad"].sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mat.parameters())
+    if position_grad:
+        assert pts.grad is not None and pts.grad.abs().sum() > 0
+    else:
+        assert pts.grad is None
+
+
 def test_texture_clamp_projects_into_bounds():
     tex = torch.randn(8, 8, CHANNELS) * 3
     mat = TexturePBRMaterial(tex)
