@@ -38,15 +38,22 @@ _state = {"mode": os.environ.get("RECON_COMPILE", "off"), "backend": "inductor"}
 _registry: list = []  # every fused function, to drop compiled versions when the mode changes
 
 
-def set_mode(mode: str | bool, backend: str = "inductor") -> None:
-    """Select when `fused` functions run compiled: 'auto', 'on' or 'off' (True/False mean on/off).
-
-    backend: torch.compile's backend ('inductor' generates kernels; 'aot_eager' only traces, for tests)."""
+def mode_name(mode: str | bool) -> str:
+    """``model.render.compile`` as one of MODES (True/False and 'true'/'false' mean on/off: YAML 1.1 reads an
+    unquoted off as false); a ValueError naming the setting otherwise."""
     if isinstance(mode, bool):
         mode = "on" if mode else "off"
-    mode = {"false": "off", "true": "on"}.get(str(mode).lower(), str(mode).lower())  # YAML 1.1 reads off as false
+    mode = {"false": "off", "true": "on"}.get(str(mode).lower(), str(mode).lower())
     if mode not in MODES:
         raise ValueError(f"model.render.compile={mode!r}: use one of {', '.join(MODES)}.")
+    return mode
+
+
+def set_mode(mode: str | bool, backend: str = "inductor") -> None:
+    """Select when `fused` functions run compiled: 'auto', 'on' or 'off' (see `mode_name`).
+
+    backend: torch.compile's backend ('inductor' generates kernels; 'aot_eager' only traces, for tests)."""
+    mode = mode_name(mode)
     if (mode, backend) != (_state["mode"], _state["backend"]):
         for f in _registry:
             f.reset()

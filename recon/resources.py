@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from recon.callbacks.failure_report import MEMORY_SETTINGS, FitFailure
+from recon.compiled import mode_name
 from recon.optional import triton_importable
 
 GIB = 2**30
@@ -235,8 +236,7 @@ def estimate_memory(cfg, device: str | None = None, backend: str | None = None) 
     pass2_pixel_bytes = PASS2_PIXEL_BYTES
     if on_gpu and model["material"].get("fused_mlp", True) and triton_importable():
         pixel_bytes -= FUSED_MLP_PIXEL_SAVING
-    if on_gpu and str(model.get("render", {}).get("compile", "off")).lower() in ("auto", "on", "true") \
-            and triton_importable():
+    if on_gpu and mode_name(model.get("render", {}).get("compile", "off")) != "off" and triton_importable():
         pixel_bytes -= COMPILED_PIXEL_SAVING
         pass2_pixel_bytes -= COMPILED_PIXEL_SAVING
     pass1 = {**common, "pixels": pixel_bytes * batch * h * w}

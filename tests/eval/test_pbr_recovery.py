@@ -13,6 +13,12 @@ _spec = importlib.util.spec_from_file_location("pbr_recovery", ROOT / "bench" / 
 recovery = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(recovery)
 
+MATERIAL = [
+    # no normal map: the bounds pin the tangent-space normal to +z, so the exported normal map is flat too
+    "model.material.perturb_normal=false", "model.material.nrm_min=[0,0,1]", "model.material.nrm_max=[0,0,1]",
+    # no occlusion channel (ks.x = 0), as several nvdiffrec configs: it would darken the albedo instead
+    "model.material.ks_max=[0,1,1]",
+]
 # 96 px, 96 views, tet grid 24, 300 + 100 steps of 4 views: about 40 s of fitting on two CPU cores.
 SETTINGS = [
     "trainer.accelerator=cpu", "model.pass1_steps=300", "model.pass2_steps=100", "model.geometry.tet_grid=24",
@@ -21,10 +27,7 @@ SETTINGS = [
     # a coarse hash grid (4 levels up to 32^3): the material is uniform, and the full grid costs 10x the time
     "model.material.encoding.n_levels=4", "model.material.encoding.base_resolution=4",
     "model.material.encoding.max_resolution=32", "model.material.encoding.log2_hashmap_size=12",
-    # no normal map: the bounds pin the tangent-space normal to +z, so the exported normal map is flat too
-    "model.material.perturb_normal=false", "model.material.nrm_min=[0,0,1]", "model.material.nrm_max=[0,0,1]",
-    # no occlusion channel (ks.x = 0), as several nvdiffrec configs: it would darken the albedo instead
-    "model.material.ks_max=[0,1,1]",
+    *MATERIAL,
 ]
 
 
@@ -92,8 +95,7 @@ def test_fit_under_known_light_recovers_materials_and_relights(tmp_path, monkeyp
 GPU_SETTINGS = [
     "trainer.accelerator=gpu", "model.pass1_steps=1500", "model.pass2_steps=500", "model.geometry.tet_grid=64",
     "data.batch_size=4", "model.light.base_res=128", "model.bake.texture_res=1024", "model.loss.reg_ramp_steps=300",
-    "trainer.val_check_interval=5000", "model.material.perturb_normal=false", "model.material.nrm_min=[0,0,1]",
-    "model.material.nrm_max=[0,0,1]", "model.material.ks_max=[0,1,1]",
+    "trainer.val_check_interval=5000", *MATERIAL,
 ]
 
 
