@@ -7,10 +7,11 @@ fuse into a few kernels, forward and backward, and the host launches far fewer. 
 
 Modes (`set_mode`, ``model.render.compile`` in the config, or the ``RECON_COMPILE`` environment variable):
   ``off``  never compile: the configuration's default. Measured at nvdiffrec's settings (nerf800, 5000 + 5000
-           steps, one H200, fresh machine) compiling cost about two minutes of start-up (the first 20 steps of
-           pass 1 took 92 s instead of 7 s, the pass switch 36 s instead of 14 s, before the first step 57 s instead
-           of 19 s) and saved 3.3 ms per pass-1 step and 4 ms per pass-2 step, about 36 s: the whole run took 487 s
-           compiled and 374 s eager. Compiling pays off only for much longer runs;
+           steps, one H200): compiling saves 3.3 ms per pass-1 step and 4 ms per pass-2 step, about 36 s, and costs
+           more: 22 s at the pass switch alone, and in pass 1's first 20 steps 92 s against 7 s eager (the eager
+           run found Triton's kernels cached, an estimated 10-20 s of the difference);
+           with Inductor's cache warm the first 12 steps still took 48 s. Compiling pays off only for much longer
+           runs;
   ``auto`` compile for CUDA tensors when Triton imports and gradients are on (the CPU stays eager: no C++
            compiler is assumed; no-grad calls, validation and the bake, stay eager instead of compiling again);
   ``on``   compile on any device.
