@@ -77,6 +77,34 @@ def device_label(device: torch.device) -> str:
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
+def _entries(path: Path) -> int:
+    return sum(1 for _ in path.iterdir()) if path.is_dir() else 0
+
+
+def cache_state(cfg) -> dict:
+    """What an earlier run on this machine left for this one, read before it starts: ``scene`` (the built-in scene
+    is generated; None with data.path set), ``nvdiffrast_plugin`` (built; None without nvdiffrast), and the number
+    of entries in Triton's and Inductor's kernel caches. A run that finds them all warm skips 30-60 s of start-up."""
+    import hydra
+
+    from recon.render.nvdiffrast import plugin_built
+
+    scene = hydra.utils.instantiate(cfg.data).scene_cached()
+    triton_dir = os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton" / "cache")
+    try:
+        from triton import knobs
+        triton_dir = knobs.cache.dir or triton_dir
+    except Exception:  # older Triton without knobs, or none
+        pass
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_dir
+        inductor = Path(inductor_dir())
+    except Exception:
+        inductor = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/nonexistent"))
+    return {"scene": scene, "nvdiffrast_plugin": plugin_built() if training_device(cfg).type == "cuda" else None,
+            "triton_cache_entries": _entries(Path(triton_dir)), "inductor_cache_entries": _entries(inductor)}
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -359,6 +387,13 @@ def result_markdown(r: dict) -> str:
         passes += (f" Before the first step {before:.1f} s (imports, data, compiling; "
                    + ("warm start: scene cached, plugin and kernels compiled by an earlier run" if r.get("warm_start")
                       else "cold start") + ").")
+    caches = r.get("caches")
+    if caches:
+        plugin = {True: "built", False: "not built", None: "–"}[caches.get("nvdiffrast_plugin")]
+        scene = {True: "cached", False: "not cached", None: "not built-in"}[caches.get("scene")]
+        passes += (f" Caches at the start: scene {scene}, nvdiffrast plugin {plugin}, "
+                   f"{caches.get('triton_cache_entries', 0)} Triton and {caches.get('inductor_cache_entries', 0)} "
+                   "Inductor cache entries.")
     if r.get("overrides"):
         passes += " Overrides: " + " ".join(f"`{o}`" for o in r["overrides"]) + "."
     stages = ("\n\nNo per-stage profile (--profile-steps 0)." if not r["stages"] else
@@ -417,6 +452,7 @@ def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, ru
                  overrides: list[str], warm: bool = False, name: str | None = None) -> dict:
     cfg = compose_config(preset, overrides)
     warm_seconds = warm_start(preset, overrides) if warm else None
+    caches = cache_state(cfg)
     def profile(run: Path) -> dict:
         if profile_steps <= 0:  # the end-to-end run alone
             return {"device": device_label(training_device(cfg)), "stages": {}, "step_ms": {}, "steps": 0}
@@ -431,7 +467,7 @@ def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, ru
         prof = profile(run_dir / preset)
     r = assemble_result(preset, cfg, e2e, prof)
     r["warm_start"], r["warm_start_seconds"], r["name"] = warm, warm_seconds, name or preset
-    r["overrides"] = list(overrides)
+    r["overrides"], r["caches"] = list(overrides), caches
     jpath, _ = write_result(r, out_dir)
     print(result_markdown(r))
     print(f"wrote {jpath} and {jpath.with_suffix('.md')}")

@@ -107,6 +107,26 @@ def test_writers_json_markdown_and_summary(tmp_path):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_cache_state_reports_what_an_earlier_run_left(tmp_path, monkeypatch):
+    """A benchmark says which start-up caches it found: the built-in scene, the nvdiffrast plugin, kernel caches."""
+    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    cfg = bench.compose_config("cpu-small")
+    state = bench.cache_state(cfg)
+    assert state["scene"] is False and state["nvdiffrast_plugin"] is None  # CPU preset: no plugin involved
+    assert isinstance(state["triton_cache_entries"], int) and isinstance(state["inductor_cache_entries"], int)
+    from recon.data.synthetic_scene import builtin_scene_dir
+    scene = builtin_scene_dir(cfg.data.resolution, **cfg.data.builtin, cache_dir=tmp_path / "cache")
+    scene.mkdir(parents=True)
+    (scene / "transforms_test.json").write_text("{}")
+    assert bench.cache_state(cfg)["scene"] is True
+    assert bench.cache_state(bench.compose_config("cpu-small", [f"data.path={tmp_path}"]))["scene"] is None
+    r = {**fake_result("cpu-small"), "caches": {"scene": True, "nvdiffrast_plugin": None, "triton_cache_entries": 3,
+                                                "inductor_cache_entries": 0}}
+    md = bench.write_result(r, tmp_path)[1].read_text()
+    assert "Caches at the start: scene cached, nvdiffrast plugin –, 3 Triton and 0 Inductor cache entries." in md
+
+
 def test_write_result_rejects_incomplete(tmp_path):
     r = fake_result("cpu-small")
     del r["stages"]

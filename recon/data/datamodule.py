@@ -101,10 +101,21 @@ class NeRFDataModule(L.LightningDataModule):
             return Path(self.path).expanduser()
         from recon.data.synthetic_scene import builtin_scene
 
+        return builtin_scene(**self._builtin_settings())
+
+    def scene_cached(self) -> bool | None:
+        """Whether the built-in scene is already generated (None when ``data.path`` is set)."""
+        if self.path:
+            return None
+        from recon.data.synthetic_scene import builtin_scene_dir
+
+        return (builtin_scene_dir(**self._builtin_settings()) / "transforms_test.json").is_file()
+
+    def _builtin_settings(self) -> dict:
         res = self.resolution[0] if self.resolution else 256
         if self.resolution and self.resolution[0] != self.resolution[1]:
             raise DataError(f"the built-in scene is square; data.resolution={list(self.resolution)} must have H == W.")
-        return builtin_scene(resolution=res, **self.builtin)
+        return {"resolution": res, **self.builtin}
 
     def resolved_format(self) -> str:
         """The scene's format: the built-in scene is nerf_synthetic; 'auto' is detected from the marker file."""

@@ -255,6 +255,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RECON_CACHE", Path.home() / ".cache" / "recon"))
 
 
+def builtin_scene_dir(resolution: int = 256, n_train: int = 100, n_val: int = 4, n_test: int = 16,
+                      cache_dir: str | Path | None = None, shading: str = "baked", light: str = "sky",
+                      backend: str = "auto") -> Path:
+    """Where `builtin_scene` keeps the scene with these settings (complete once ``transforms_test.json`` exists;
+    ``backend``, the renderer that generates it, does not change it)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name = f"builtin-v{SCENE_VERSION}-{resolution}px-{n_train}-{n_val}-{n_test}"
+    if shading == "pbr":
+        name += f"-pbr-{light}"
+    return cache / "scenes" / name
+
+
 def builtin_scene(
     resolution: int = 256,
     n_train: int = 100,
@@ -275,13 +287,9 @@ def builtin_scene(
     """
     from recon.render import make_rasterizer
 
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if shading not in ("baked", "pbr") or light not in PBR_LIGHTS:
         raise ValueError(f"data.builtin.shading={shading!r} / light={light!r}: use baked|pbr and one of {', '.join(PBR_LIGHTS)}.")
-    name = f"builtin-v{SCENE_VERSION}-{resolution}px-{n_train}-{n_val}-{n_test}"
-    if shading == "pbr":
-        name += f"-pbr-{light}"
-    root = cache / "scenes" / name
+    root = builtin_scene_dir(resolution, n_train, n_val, n_test, cache_dir, shading, light)
     if (root / "transforms_test.json").exists():
         return root
     with atomic_directory(root) as tmp:

@@ -9,6 +9,7 @@ import importlib.util
 import re
 import sys
 import threading
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -30,6 +31,18 @@ def plugin_name(nvdiffrast_version: str, torch_version: str) -> str:
     """Module name of nvdiffrast's JIT-built CUDA plugin, computed as nvdiffrast/torch/ops.py does."""
     name = f"nvdiffrast_plugin_{nvdiffrast_version}_torch{torch_version}"
     return re.sub(r"\W|^(?=\d)", "_", name)
+
+
+def plugin_built() -> bool | None:
+    """Whether nvdiffrast's CUDA plugin is already built for this nvdiffrast and torch (its first use then loads it
+    instead of compiling for about 30 s); None when nvdiffrast is not installed."""
+    if not is_available():
+        return None
+    import nvdiffrast
+    from torch.utils import cpp_extension
+
+    build_dir = Path(cpp_extension._get_build_directory(plugin_name(nvdiffrast.__version__, torch.__version__), False))
+    return any(build_dir.glob("*.so")) or any(build_dir.glob("*.pyd"))
 
 
 def _load_plugin() -> None:
