@@ -5,10 +5,14 @@ images; fused, the composite, tonemap, L1 and alpha MSE are a handful of kernels
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor
 
 from recon.color import tonemap_srgb
 from recon.compiled import fused
+from recon.optional import triton_importable
 
 
 def composite(rgb: Tensor, alpha: Tensor, img: Tensor, bg: Tensor) -> tuple[Tensor, Tensor]:
@@ -28,3 +32,13 @@ def image_losses(rgb: Tensor, alpha: Tensor, img: Tensor, bg: Tensor) -> tuple[T
     color_loss = (tonemap_srgb(color * ref_a) - tonemap_srgb(ref * ref_a)).abs().mean()
     alpha_loss = (alpha - ref_a).square().mean()
     return color_loss, alpha_loss
+
+
+def image_loss_function(fused_kernel: bool, device: torch.device) -> Callable[..., tuple[Tensor, Tensor]]:
+    """`image_losses`, or (``model.loss.fused_kernel`` on a CUDA device where Triton imports) its twin of one Triton
+    kernel forward and one backward, `recon.losses_triton.image_losses_triton`."""
+    if fused_kernel and device.type == "cuda" and triton_importable():
+        from recon.losses_triton import image_losses_triton
+
+        return image_losses_triton
+    return image_losses

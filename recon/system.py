@@ -27,7 +27,7 @@ from recon.geometry.dmtet import DMTetGeometry
 from recon.geometry.fixed_mesh import FixedTopologyMesh
 from recon.geometry.mesh import Mesh, normal_consistency_loss
 from recon.light import EnvironmentLight
-from recon.losses import composite, image_losses
+from recon.losses import composite, image_loss_function
 from recon.materials.pbr import NeuralPBRMaterial, TexturePBRMaterial, channel_bounds
 from recon.nonfinite import NonFiniteGuard, NonFiniteReport
 from recon.render import make_rasterizer
@@ -178,7 +178,8 @@ class ReconSystem(L.LightningModule):
         c = self.loss_cfg
         ref_a = img[..., 3:]
         ramp = min(1.0, self.pass_step / max(1, c.get("reg_ramp_steps", 500)))
-        color_loss, alpha_loss = image_losses(out["rgb"], out["alpha"], img, bg)
+        losses = image_loss_function(bool(c.get("fused_kernel", False)), out["rgb"].device)
+        color_loss, alpha_loss = losses(out["rgb"], out["alpha"], img, bg)
         terms = {"color": color_loss, "alpha": alpha_loss}
         weights = {"color": 1.0, "alpha": c.get("alpha_weight", 1.0)}
         if self.surface is None:
