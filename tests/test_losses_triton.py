@@ -3,15 +3,10 @@ Triton's interpreter on the CPU (a child process: Triton picks interpreter or co
 marked `gpu`, compiled on CUDA."""
 import importlib.util
 import inspect
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import recon
 from recon.losses import image_loss_function, image_losses
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -60,16 +55,11 @@ print("errors", v, g)
 
 
 @needs_triton
-def test_fused_image_losses_match_torch_in_triton_interpreter():
-    root = Path(recon.__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    code = ("import torch\nfrom recon.losses import image_losses\n" + inspect.getsource(loss_inputs)
-            + inspect.getsource(compare) + CHECK)
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    value_error, grad_error = map(float, proc.stdout.split("errors")[1].split())
-    assert value_error < 1e-6 and grad_error < 1e-5, proc.stdout
+def test_fused_image_losses_match_torch_in_triton_interpreter(in_triton_interpreter):
+    out = in_triton_interpreter("import torch\nfrom recon.losses import image_losses\n" + inspect.getsource(loss_inputs)
+                                + inspect.getsource(compare) + CHECK)
+    value_error, grad_error = map(float, out.split("errors")[1].split())
+    assert value_error < 1e-6 and grad_error < 1e-5, out
 
 
 @needs_triton

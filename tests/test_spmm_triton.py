@@ -3,15 +3,9 @@ in Triton's interpreter on the CPU (a child process: Triton picks interpreter or
 marked `gpu`, compiled on CUDA, where `EnvironmentLight.build_mips` and the pass-2 Laplacian run through it."""
 import importlib.util
 import inspect
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-import recon
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the triton package is not installed")
@@ -44,14 +38,9 @@ print("max error", worst)
 
 
 @needs_triton
-def test_csr_matmul_in_triton_interpreter():
-    root = Path(recon.__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    code = "import torch\n" + inspect.getsource(random_csr) + CHECK
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert float(proc.stdout.split("max error")[1]) < 1e-5
+def test_csr_matmul_in_triton_interpreter(in_triton_interpreter):
+    out = in_triton_interpreter("import torch\n" + inspect.getsource(random_csr) + CHECK)
+    assert float(out.split("max error")[1]) < 1e-5
 
 
 @needs_triton

@@ -8,15 +8,11 @@ in a child process. Without the `triton` package all of them are skipped.
 """
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import recon
 from recon.materials import hash_grid
 from recon.materials.hash_grid import HashGridEncoding
 from recon.materials.mlp_texture import MLPTexture3D
@@ -61,16 +57,13 @@ def device(request) -> torch.device:
 
 
 @needs_triton
-def test_cases_in_triton_interpreter():
+def test_cases_in_triton_interpreter(in_triton_interpreter):
     """Every `interpreter` case of this module, in a child process that imports triton with TRITON_INTERPRET=1."""
     if triton_interprets():
         pytest.skip("this process interprets: the interpreter cases run in it directly")
-    root = Path(recon.__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider", "-k", "interpreter"]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" in proc.stdout  # this test itself skips in the child
+    out = in_triton_interpreter(args=["-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
+                                      "-k", "interpreter"], timeout=900)
+    assert " passed" in out and "skipped" in out  # this test itself skips in the child
 
 
 def random_table(enc: HashGridEncoding, seed: int = 0) -> HashGridEncoding:

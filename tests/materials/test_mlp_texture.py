@@ -154,24 +154,14 @@ print("max error", worst)
 """
 
 
-def test_fused_mlp_matches_torch_layers_in_triton_interpreter():
+def test_fused_mlp_matches_torch_layers_in_triton_interpreter(in_triton_interpreter):
     """The Triton MLP (values, weight and hash-table gradients) against torch's layers, in Triton's interpreter."""
     import importlib.util
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    import recon
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("the triton package is not installed")
-    root = Path(recon.__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", FUSED_CHECK], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert float(proc.stdout.split("max error")[1]) < 1e-5
+    assert float(in_triton_interpreter(FUSED_CHECK).split("max error")[1]) < 1e-5
 
 
 @pytest.mark.gpu
