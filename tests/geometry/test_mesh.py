@@ -15,6 +15,8 @@ from recon.geometry.mesh import (
     laplacian_loss,
     laplacian_uniform,
     normal_consistency_loss,
+    normals_and_tangents,
+    tangent_handedness,
     vertex_normals,
 )
 
@@ -212,3 +214,35 @@ def test_normal_consistency_gradient_matches_finite_differences():
     loss = normal_consistency_loss(verts, faces)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(verts.grad).all()
+
+
+def test_normals_and_tangents_equal_the_three_functions():
+    """The one-pass normals, tangents and handedness of pass 2 equal vertex_normals, compute_tangents and
+    tangent_handedness, values and gradients: on a sphere with random UVs, faces mirrored in UV (handedness -1
+    there) and an isolated vertex (the +z fallback)."""
+    m = trimesh.creation.icosphere(subdivisions=2)
+    faces = torch.as_tensor(m.faces, dtype=torch.int64)
+    verts = torch.cat([torch.as_tensor(m.vertices, dtype=torch.float32), torch.zeros(1, 3)])
+    uv = torch.rand(verts.shape[0], 2, generator=torch.Generator().manual_seed(0))
+    uv_faces = faces.flip(1)
+    weights = [torch.randn(verts.shape[0], 3, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+
+    def run(fn):
+        v = verts.clone().requires_grad_()
+        n, t, s = fn(v)
+        ((n * weights[0]).sum() + (t * weights[1]).sum()).backward()
+        return n.detach(), t.detach(), s, v.grad
+
+    def separate(v):
+        n = vertex_normals(v, faces)
+        t = compute_tangents(v, faces, uv, uv_faces, n)
+        return n, t, tangent_handedness(v, faces, uv, uv_faces, n, t)
+
+    one = run(lambda v: normals_and_tangents(v, faces, uv, uv_faces))  # eager on the CPU
+    ref = run(separate)
+    for a, b in zip(one[:3], ref[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert (ref[2] == -1).any() and (ref[2] == 1).any()
+    torch.testing.assert_close(one[2], ref[2])
+    torch.testing.assert_close(one[3], ref[3], rtol=1e-5, atol=1e-5 * float(ref[3].abs().max()))
+    torch.testing.assert_close(one[0][-1], torch.tensor([0.0, 0.0, 1.0]))
