@@ -453,6 +453,7 @@ def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, ru
     cfg = compose_config(preset, overrides)
     warm_seconds = warm_start(preset, overrides) if warm else None
     caches = cache_state(cfg)
+
     def profile(run: Path) -> dict:
         if profile_steps <= 0:  # the end-to-end run alone
             return {"device": device_label(training_device(cfg)), "stages": {}, "step_ms": {}, "steps": 0}

@@ -33,15 +33,20 @@ def plugin_name(nvdiffrast_version: str, torch_version: str) -> str:
     return re.sub(r"\W|^(?=\d)", "_", name)
 
 
+def _plugin_build_dir() -> str:
+    """Where torch's extension builder keeps nvdiffrast's plugin for this nvdiffrast and torch."""
+    import nvdiffrast
+    from torch.utils import cpp_extension
+
+    return cpp_extension._get_build_directory(plugin_name(nvdiffrast.__version__, torch.__version__), False)
+
+
 def plugin_built() -> bool | None:
     """Whether nvdiffrast's CUDA plugin is already built for this nvdiffrast and torch (its first use then loads it
     instead of compiling for about 30 s); None when nvdiffrast is not installed."""
     if not is_available():
         return None
-    import nvdiffrast
-    from torch.utils import cpp_extension
-
-    build_dir = Path(cpp_extension._get_build_directory(plugin_name(nvdiffrast.__version__, torch.__version__), False))
+    build_dir = Path(_plugin_build_dir())
     return any(build_dir.glob("*.so")) or any(build_dir.glob("*.pyd"))
 
 
@@ -57,11 +62,9 @@ def _load_plugin() -> None:
     with _lock:
         if _plugin_ready:
             return
-        import nvdiffrast
         from nvdiffrast.torch import ops
-        from torch.utils import cpp_extension
 
-        build_dir = cpp_extension._get_build_directory(plugin_name(nvdiffrast.__version__, torch.__version__), False)
+        build_dir = _plugin_build_dir()
         if build_dir not in sys.path:
             sys.path.insert(0, build_dir)
         try:
