@@ -103,6 +103,7 @@ class LightConfig:
 class RenderConfig:
     backend: str = "auto"                 # auto | torch | nvdiffrast
     compile: str = "off"                  # torch.compile the shading and losses: off | auto (CUDA) | on
+    fused_shading: bool = True            # CUDA: the per-pixel shading as Triton kernels (recon/render/shading_triton.py)
 
 
 @dataclass

@@ -150,7 +150,7 @@ class ReconSystem(L.LightningModule):
             def material(gb, mask):
                 return self.textures(self.rasterizer, gb["gb_uv"], gb["gb_uv_da"])
         out = render_pbr(self.rasterizer, mesh, mvp, cam_pos, resolution, material, self.light, depth=depth,
-                         perturb=self.perturb_normal, mark=mark)
+                         perturb=self.perturb_normal, mark=mark, fused=bool(self.render_cfg.get("fused_shading", False)))
         out["mesh"] = mesh
         return out
 

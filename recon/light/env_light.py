@@ -339,25 +339,37 @@ class EnvironmentLight(nn.Module):
             raise RuntimeError("EnvironmentLight.shade needs mips: call light.build_mips() after each base update.")
         if view_pos.dim() == 2 and gb_pos.dim() > 2 and view_pos.shape[0] == gb_pos.shape[0]:
             view_pos = view_pos.reshape(view_pos.shape[0], *([1] * (gb_pos.dim() - 2)), 3)
-        levels = (self.num_levels, self.min_roughness, self.max_roughness)
+        levels = self.mip_levels
         # a slice of the material's channels would carry its storage offset into the compiled functions' guards,
         # where dynamic shapes tie it to a size of 3: pass 2's texture channels would then compile them again
         arm = arm.clone(memory_format=torch.contiguous_format) if arm.storage_offset() else arm
         diff_col, spec_col, n_dot_v, reflvec, mip = _split_sum_inputs(gb_pos, gb_normal, kd, arm, view_pos, specular,
                                                                       *levels)
-        cube_lookup = sample_cube_mips if rasterizer is None else rasterizer.cube_texture
-        irradiance = cube_lookup([self.diffuse], gb_normal)
         if not specular:
+            irradiance = (sample_cube_mips if rasterizer is None else rasterizer.cube_texture)([self.diffuse], gb_normal)
             return _split_sum_combine(irradiance, diff_col, None, None, None, arm)
-        roughness = arm[..., 1:2]
+        irradiance, fg, spec = self.lookups(gb_normal, arm[..., 1:2], n_dot_v, reflvec, mip, rasterizer)
+        return _split_sum_combine(irradiance, diff_col, spec, spec_col, fg, arm)
+
+    def lookups(self, normal: Tensor, roughness: Tensor, n_dot_v: Tensor, reflvec: Tensor, mip: Tensor,
+                rasterizer=None) -> tuple[Tensor, Tensor, Tensor]:
+        """The three lookups of split-sum shading: irradiance along ``normal`` [...,3], the BSDF table's (scale,
+        bias) [...,2] at (n.v, roughness) ([...,1] each) and the prefiltered light along ``reflvec`` [...,3] at the
+        fractional ``mip`` level [...]. rasterizer: as in `shade`."""
+        cube_lookup = sample_cube_mips if rasterizer is None else rasterizer.cube_texture
+        irradiance = cube_lookup([self.diffuse], normal)
         if rasterizer is None:
             fg = lookup_lut(self.lut, n_dot_v[..., 0], roughness[..., 0])
         else:  # the table's rows are n.v, its columns roughness: uv = (roughness, n.v)
             uv = torch.cat([roughness, n_dot_v], -1).reshape(1, -1, 1, 2)
             fg = rasterizer.texture(self.lut[None], uv, filter_mode="linear", boundary_mode="clamp")
             fg = fg.reshape(*roughness.shape[:-1], -1)
-        spec = cube_lookup(self.specular, reflvec, mip)
-        return _split_sum_combine(irradiance, diff_col, spec, spec_col, fg, arm)
+        return irradiance, fg, cube_lookup(self.specular, reflvec, mip)
+
+    @property
+    def mip_levels(self) -> tuple[int, float, float]:
+        """(levels of the specular chain, min_roughness, max_roughness): what the mip-level mapping needs."""
+        return self.num_levels, self.min_roughness, self.max_roughness
 
     def regularizer(self) -> Tensor:
         """nvdiffrec's white-balance prior: mean |base - grey(base)| (penalises coloured light)."""

@@ -1,6 +1,7 @@
 """Mesh rendering on top of a Rasterizer: G-buffers, material evaluation on covered pixels, antialiasing."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor
 from recon.compiled import fused
 from recon.gather import mask_index, masked_rows, take_rows
 from recon.geometry.mesh import Mesh
+from recon.optional import triton_importable
 from recon.render.camera import transform_pos
 
 
@@ -146,6 +148,14 @@ def shading_normal(nrm_ts: Tensor | None, smooth: Tensor, geometric: Tensor, pos
     return bend_normal(_normalize(view_pos - pos), n, geometric)
 
 
+def fused_shading_runs(t: Tensor) -> bool:
+    """Whether `render_pbr(fused=True)` can shade tensors like ``t`` with the Triton kernels: float32 on CUDA with
+    triton installed, or on any device in a process whose Triton interprets (TRITON_INTERPRET=1, for tests)."""
+    if t.dtype != torch.float32 or not triton_importable():
+        return False
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def render_pbr(
     rasterizer,
     mesh: Mesh,
@@ -158,6 +168,7 @@ def render_pbr(
     depth: bool = False,
     perturb: bool = True,
     mark: Callable[[], None] | None = None,
+    fused: bool = False,
 ) -> dict:
     """Split-sum PBR render of ``mesh`` under an `EnvironmentLight` (its mips built).
 
@@ -170,6 +181,8 @@ def render_pbr(
     uncovered), ``kd_grad`` [B,H,W,1] when the material gives it and, with ``depth``, ``depth`` [B,H,W,1]
     (distance along the camera's view axis, scene units; 0 where uncovered).
     mark: called after each stage (G-buffers, material, shading and antialiasing), for profilers.
+    fused: the per-pixel shading arithmetic as Triton kernels (`recon.render.shading_triton`) where they run (float32
+    CUDA tensors; Triton's interpreter in tests), with the same values and gradients.
     """
     from recon.geometry.mesh import face_normals
 
@@ -199,8 +212,17 @@ def render_pbr(
     mat = {k: (covered(v) if v.dim() == 4 else v) for k, v in mat.items()}
     if mark is not None:
         mark()
-    n_shade = shading_normal(mat["nrm"] if perturb else None, covered(smooth), n_geom, pos, view_pos, tangent, hand)
-    color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
+    nrm_ts = mat["nrm"] if perturb else None
+    if fused and fused_shading_runs(pos):
+        from recon.render.shading_triton import shading_inputs, split_sum_combine
+
+        n_shade, diff_col, spec_col, n_dot_v, reflvec, mip = shading_inputs(
+            nrm_ts, covered(smooth), n_geom, pos, view_pos, tangent, hand, mat["kd"], mat["ks"], light.mip_levels)
+        irradiance, fg, spec = light.lookups(n_shade, mat["ks"][..., 1:2], n_dot_v, reflvec, mip, rasterizer)
+        color = split_sum_combine(irradiance, diff_col, spec, spec_col, fg, mat["ks"])
+    else:
+        n_shade = shading_normal(nrm_ts, covered(smooth), n_geom, pos, view_pos, tangent, hand)
+        color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
     values = torch.cat([color, mat["kd"], mat["ks"], n_shade] + ([mat["kd_grad"]] if "kd_grad" in mat else []), -1)
     images = values.new_zeros(mask.numel(), values.shape[-1]).index_copy(0, sel, values).reshape(*n_pix, -1)
     gb["rgb"], gb["alpha"] = with_coverage(rasterizer, images[..., :3], gb, mesh.faces, antialias)
