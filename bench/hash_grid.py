@@ -7,16 +7,23 @@ timed runs after --warmup untimed ones, with CUDA events (time.perf_counter on a
 has nvdiffrec's configuration by default (16 levels x 2 features, 2^19 rows per level,
 resolution 16..4096), float32, random values. Prints a Markdown table and writes JSON to --out.
 
+The triton backend gets one row per launch layout in --triton-layouts, written FORWARD/BACKWARD
+(`levels`: a program per block of points and level; `points`: a program per block of points for
+all levels; see recon/materials/hash_grid_triton.py): the forward column depends on the forward
+layout only, the backward column on the backward layout only, the fwd+bwd column on both.
+
 Point layouts: `uniform` (i.i.d. in the unit cube, no locality) and `surface` (a sphere swept in
 scanline order, like the covered pixels of rendered views: neighbouring points share cells, so
 the coarse levels' atomic adds collide).
 
     python bench/hash_grid.py                              # CUDA: N = 1M and 4M, every backend
     python bench/hash_grid.py --device cpu --n 20000       # CPU smoke test: torch backend only
+    python bench/hash_grid.py --n 3000000 --points surface --backends triton --triton-layouts levels points
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,6 +45,7 @@ from recon.materials.hash_grid import HashGridEncoding, tcnn_available, triton_a
 NVDIFFREC = dict(n_input_dims=3, n_levels=16, n_features_per_level=2, log2_hashmap_size=19,
                  base_resolution=16, max_resolution=4096)
 PHASES = ("forward", "backward", "forward_backward")
+LAUNCH_LAYOUTS = ("levels", "points")  # hash_grid_triton.LAUNCH_LAYOUTS, without importing triton here
 
 
 def make_points(n: int, layout: str, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -72,6 +80,33 @@ class Timer:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
+
+
+def launch_layout(text: str) -> str:
+    """`FORWARD/BACKWARD` launch layouts of the triton backend; one name sets both."""
+    names = text.split("/")
+    if len(names) == 1:
+        names = names * 2
+    if len(names) != 2 or not set(names) <= set(LAUNCH_LAYOUTS):
+        raise argparse.ArgumentTypeError(f"{text!r}: use LAYOUT or FORWARD/BACKWARD with layouts in {LAUNCH_LAYOUTS}")
+    return "/".join(names)
+
+
+@contextlib.contextmanager
+def triton_launch_layout(layout: str | None):
+    """Set hash_grid_triton.LAUNCH_LAYOUT to `FORWARD/BACKWARD` inside the block (None: leave it)."""
+    if layout is None:
+        yield
+        return
+    from recon.materials import hash_grid_triton
+
+    saved = dict(hash_grid_triton.LAUNCH_LAYOUT)
+    forward, backward = layout.split("/")
+    hash_grid_triton.LAUNCH_LAYOUT.update(forward=forward, backward=backward)
+    try:
+        yield
+    finally:
+        hash_grid_triton.LAUNCH_LAYOUT.update(saved)
 
 
 def time_backend(
@@ -129,13 +164,20 @@ def time_backend(
 
 def available_backends(device: torch.device) -> list[str]:
     if device.type != "cuda":
-        return ["torch"]  # the triton and tcnn kernels are CUDA kernels
+        # The triton and tcnn kernels are CUDA kernels; triton runs on a CPU in its interpreter (tests).
+        return ["torch", "triton"] if triton_available() and _triton_interprets() else ["torch"]
     names = ["torch"]
     if triton_available():
         names.append("triton")
     if tcnn_available():
         names.append("tcnn")
     return names
+
+
+def _triton_interprets() -> bool:
+    from recon.materials import hash_grid_triton
+
+    return hash_grid_triton.interpreting()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -156,20 +198,22 @@ def run(args: argparse.Namespace) -> dict:
             x = make_points(n, layout, device)
             for input_grad in args.input_grad:
                 reference = None
-                for backend in backends:
+                runs = [(b, launch) for b in backends for launch in (args.triton_layouts if b == "triton" else [None])]
+                for backend, launch in runs:
+                    case = {"n_points": n, "points": layout, "input_grad": input_grad, "backend": backend,
+                            "launch_layout": launch}
                     try:
-                        res = time_backend(enc, backend, x, grad_out, input_grad, args.repeats, args.warmup)
+                        with triton_launch_layout(launch):
+                            res = time_backend(enc, backend, x, grad_out, input_grad, args.repeats, args.warmup)
                     except torch.cuda.OutOfMemoryError as err:
-                        rows.append({"n_points": n, "points": layout, "input_grad": input_grad, "backend": backend,
-                                     "error": f"out of memory: {err}"})
+                        rows.append({**case, "error": f"out of memory: {err}"})
                         torch.cuda.empty_cache()
                         continue
                     out = res.pop("output")
                     if backend == "torch":
                         reference = out
                     diff = None if reference is None else (out - reference).abs().max().item()
-                    rows.append({"n_points": n, "points": layout, "input_grad": input_grad, "backend": backend,
-                                 **res, "max_abs_diff_vs_torch": diff})
+                    rows.append({**case, **res, "max_abs_diff_vs_torch": diff})
                     print(format_row(rows[-1], rows), flush=True)
                     del out
             del x
@@ -208,7 +252,8 @@ HEADER = ("| N | points | point grad | backend | forward ms | backward ms | fwd+
 def format_row(row: dict, rows: list[dict]) -> str:
     """One Markdown table row; the speed-up is relative to the torch backend's row of the same case."""
     case = (row["n_points"], row["points"], row["input_grad"])
-    lead = f"| {row['n_points']:,} | {row['points']} | {'yes' if row['input_grad'] else 'no'} | {row['backend']} "
+    backend = row["backend"] if row.get("launch_layout") is None else f"{row['backend']} {row['launch_layout']}"
+    lead = f"| {row['n_points']:,} | {row['points']} | {'yes' if row['input_grad'] else 'no'} | {backend} "
     if "error" in row:
         return lead + "| " + " | ".join(["-"] * 5) + " |"
     torch_row = next((r for r in rows if (r["n_points"], r["points"], r["input_grad"]) == case
@@ -246,6 +291,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="point counts (default 1M and 4M on CUDA, 20k on a CPU)")
     parser.add_argument("--backends", nargs="+", choices=("torch", "triton", "tcnn"), default=None,
                         help="default: every backend that runs on the device")
+    parser.add_argument("--triton-layouts", nargs="+", type=launch_layout, default=None, metavar="FORWARD/BACKWARD",
+                        help="launch layouts of the triton backend, one row each: levels, points or FORWARD/BACKWARD "
+                             "(default: the four combinations)")
     parser.add_argument("--points", nargs="+", choices=("uniform", "surface"), default=["uniform", "surface"])
     parser.add_argument("--input-grad", nargs="+", choices=("no", "yes"), default=["no", "yes"],
                         help="time without and/or with a gradient for the points (recon's training needs it)")
@@ -259,6 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.n is None:
         args.n = [1_000_000, 4_000_000] if args.device.startswith("cuda") else [20_000]
     args.input_grad = [v == "yes" for v in args.input_grad]
+    if args.triton_layouts is None:
+        args.triton_layouts = [f"{f}/{b}" for f in LAUNCH_LAYOUTS for b in LAUNCH_LAYOUTS]
     return args
 
 

@@ -1,19 +1,29 @@
 """Fused Triton kernels for `HashGridEncoding` (backend `triton`).
 
-One kernel serves the forward and the backward pass. A program handles BLOCK points of one level
-(grid = [ceil(N / BLOCK), L]; consecutive programs share a level, so the level's rows stay in L2):
-it computes the lattice cell, the 2^D corner rows (dense or hashed) and the D-linear weights in
-registers, then either gathers and sums the corner features (forward) or atomically adds
-weight * upstream gradient into the table gradient and, when the points need a gradient,
-accumulates d out / d x over the corners and atomically adds it into the point gradient (the
-levels of a point are summed there). Nothing but the inputs is saved between the passes.
+One kernel serves the forward and the backward pass. For BLOCK points and one level it computes
+the lattice cell, the 2^D corner rows (dense or hashed) and the D-linear weights in registers,
+then either gathers and sums the corner features (forward) or atomically adds weight * upstream
+gradient into the table gradient and, when the points need a gradient, accumulates d out / d x
+over the corners. Nothing but the inputs is saved between the passes.
+
+Two launch layouts, chosen per pass by LAUNCH_LAYOUT (module-level, read at every call; default
+"levels" for both passes), compute the same values:
+
+- `levels`: a program handles BLOCK points of one level, grid = [ceil(N / BLOCK), L]; consecutive
+  programs share a level, so the level's rows stay in L2. The levels of a point meet in atomic
+  adds into the point gradient.
+- `points`: a program handles BLOCK_POINTS points for all L levels in a loop, grid =
+  [ceil(N / BLOCK)]; x is loaded and clamped once, each program reads and writes whole rows of
+  the [N, L * F] output and upstream gradient, and the point gradient is summed over the levels
+  in registers and stored once (no atomics, no zero-initialisation).
 
 The maths is that of the `torch` backend in `hash_grid.py` (tiny-cuda-nn's conventions, see that
 module's docstring), operation for operation: lattice position (clamp(x, 0, 1) * s_l) + 0.5 with
 two roundings (floating-point contraction into fused multiply-adds is disabled), cell = floor,
 weight of a corner = ((w_0 * w_1) * w_2), dense rows wrapped once modulo the level size, hashed
 rows the XOR of uint32 products masked to the level size. Outputs then agree with the torch
-backend up to the order of the corner sum; table gradients up to the order of the atomic adds.
+backend up to the order of the corner sum; table gradients up to the order of the atomic adds,
+point gradients up to the order of the sum over the levels.
 
 This module needs `triton` (present wherever CUDA builds of PyTorch are installed); `hash_grid.py`
 imports it lazily. Kernels are compiled for CUDA tensors; in a process that imported triton with
@@ -29,97 +39,86 @@ from torch import Tensor
 
 MAX_INPUT_DIMS = 3  # the kernel unrolls dimensions 0..2; 1-D, 2-D and 3-D inputs are supported
 
-# Points per program and warps per program on the GPU. The interpreter runs one program at a
-# time in numpy, where a few large programs are much faster than many small ones.
+# Launch layouts (see the module docstring), chosen per pass; read at every call, so a caller may
+# change them between calls (bench/hash_grid.py times each combination).
+LAUNCH_LAYOUTS = ("levels", "points")
+LAUNCH_LAYOUT = {"forward": "levels", "backward": "levels"}
+
+# Points per program and warps per program on the GPU. A program of the `points` layout covers all
+# L levels of its points, so it takes fewer points. The interpreter runs one program at a time in
+# numpy, where a few large programs are much faster than many small ones.
 BLOCK_FORWARD = 256
 BLOCK_BACKWARD = 256
+BLOCK_POINTS = 128
 NUM_WARPS = 4
 BLOCK_INTERPRETER = 1024
 
 
 @triton.jit
-def _hash_grid_kernel(
-    x_ptr,  # [N, D] points, any float dtype, strides (stride_xn, stride_xd)
-    table_ptr,  # [n_entries * F] table, float32 or float64: the compute dtype
-    out_ptr,  # forward: [N, L * F] output in the table's dtype
-    grad_out_ptr,  # backward: [N, L * F] contiguous upstream gradient in the table's dtype
-    grad_table_ptr,  # backward: [n_entries * F] zero-initialised, table dtype
-    grad_x_ptr,  # backward: [N, D] contiguous, zero-initialised, table dtype
-    scale_ptr,  # [L] float32 s_l
-    mult_ptr,  # [L, D] int64: R_l^d (dense levels) or hash primes (hashed levels)
-    size_ptr,  # [L] int64 rows per level
-    offset_ptr,  # [L] int64 first row of each level
-    n_points,
-    stride_xn,
-    stride_xd,
-    n_dense,  # levels 0 .. n_dense - 1 are dense, the others hashed
-    grad_scale,  # multiplies the table gradient only
+def _load_clamped(ptr, valid, table_ptr):
+    """BLOCK coordinates in the table's dtype clamped to [0, 1], and where they were inside (gradient mask)."""
+    x = tl.load(ptr, mask=valid, other=0.0).to(table_ptr.dtype.element_ty)
+    inside = (x >= 0.0) & (x <= 1.0)
+    return tl.minimum(tl.maximum(x, 0.0), 1.0), inside
+
+
+@triton.jit
+def _axis(xc, scale, mult):
+    """Weights (1 - frac, frac) of the low / high vertex along one axis and their index terms
+    (vertex * multiplier in uint32 arithmetic: wraps like tiny-cuda-nn's hash; dense terms stay
+    below 2^31)."""
+    pos = xc * scale + 0.5
+    cell = pos.to(tl.int32)  # pos >= 0.5, so truncation is floor
+    hi_w = pos - cell.to(xc.dtype)
+    lo_w = 1.0 - hi_w
+    lo_t = cell.to(tl.uint32) * mult
+    hi_t = lo_t + mult
+    return lo_w, hi_w, lo_t, hi_t
+
+
+@triton.jit
+def _level(
+    level,  # scalar level index
+    xc0, xc1, xc2,  # [BLOCK] clamped coordinates (xc1, xc2 unused below D = 2, 3)
+    n64,  # [BLOCK] int64 point indices
+    valid,  # [BLOCK] n < n_points
+    table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
+    scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale,
     D: tl.constexpr,
     F: tl.constexpr,
-    F_PAD: tl.constexpr,  # F rounded up to a power of two (Triton block shapes)
+    F_PAD: tl.constexpr,
     L: tl.constexpr,
     BLOCK: tl.constexpr,
     FORWARD: tl.constexpr,
     TABLE_GRAD: tl.constexpr,
     INPUT_GRAD: tl.constexpr,
 ):
-    level = tl.program_id(1)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = n < n_points
-    n64 = n.to(tl.int64)  # N * L * F may exceed 2^31
+    """One level of BLOCK points. Forward: stores the level's [BLOCK, F] slice of the output.
+    Backward: adds the table gradient atomically and returns this level's d out / d x (dimensions
+    0..2, times s_l, not yet masked to the cube; zeros where not computed)."""
     feat = tl.arange(0, F_PAD)
     valid_f = valid[:, None] & (feat < F)[None, :]
     dtype = table_ptr.dtype.element_ty
-
     scale = tl.load(scale_ptr + level).to(dtype)
     size = tl.load(size_ptr + level).to(tl.uint32)  # <= 2^30
     first_row = tl.load(offset_ptr + level)  # int64
     hashed = level >= n_dense
 
-    # Per dimension: weights (1 - frac, frac) of the low / high vertex and its index term
-    # (vertex * multiplier, in uint32 arithmetic: wraps like tiny-cuda-nn's hash; dense terms
-    # stay below 2^31). x is clamped to the cube; its gradient passes where 0 <= x <= 1, as
-    # through torch.clamp.
-    x0 = tl.load(x_ptr + n64 * stride_xn, mask=valid, other=0.0).to(dtype)
-    inside0 = (x0 >= 0.0) & (x0 <= 1.0)
-    pos0 = tl.minimum(tl.maximum(x0, 0.0), 1.0) * scale + 0.5
-    cell0 = pos0.to(tl.int32)  # pos >= 0.5, so truncation is floor
-    hi_w0 = pos0 - cell0.to(dtype)
-    lo_w0 = 1.0 - hi_w0
-    mult0 = tl.load(mult_ptr + level * D).to(tl.uint32)
-    lo_t0 = cell0.to(tl.uint32) * mult0
-    hi_t0 = lo_t0 + mult0
+    lo_w0, hi_w0, lo_t0, hi_t0 = _axis(xc0, scale, tl.load(mult_ptr + level * D).to(tl.uint32))
     if D > 1:
-        x1 = tl.load(x_ptr + n64 * stride_xn + stride_xd, mask=valid, other=0.0).to(dtype)
-        inside1 = (x1 >= 0.0) & (x1 <= 1.0)
-        pos1 = tl.minimum(tl.maximum(x1, 0.0), 1.0) * scale + 0.5
-        cell1 = pos1.to(tl.int32)
-        hi_w1 = pos1 - cell1.to(dtype)
-        lo_w1 = 1.0 - hi_w1
-        mult1 = tl.load(mult_ptr + level * D + 1).to(tl.uint32)
-        lo_t1 = cell1.to(tl.uint32) * mult1
-        hi_t1 = lo_t1 + mult1
+        lo_w1, hi_w1, lo_t1, hi_t1 = _axis(xc1, scale, tl.load(mult_ptr + level * D + 1).to(tl.uint32))
     if D > 2:
-        x2 = tl.load(x_ptr + n64 * stride_xn + 2 * stride_xd, mask=valid, other=0.0).to(dtype)
-        inside2 = (x2 >= 0.0) & (x2 <= 1.0)
-        pos2 = tl.minimum(tl.maximum(x2, 0.0), 1.0) * scale + 0.5
-        cell2 = pos2.to(tl.int32)
-        hi_w2 = pos2 - cell2.to(dtype)
-        lo_w2 = 1.0 - hi_w2
-        mult2 = tl.load(mult_ptr + level * D + 2).to(tl.uint32)
-        lo_t2 = cell2.to(tl.uint32) * mult2
-        hi_t2 = lo_t2 + mult2
+        lo_w2, hi_w2, lo_t2, hi_t2 = _axis(xc2, scale, tl.load(mult_ptr + level * D + 2).to(tl.uint32))
 
+    dx0 = tl.zeros([BLOCK], dtype=dtype)
+    dx1 = tl.zeros([BLOCK], dtype=dtype)
+    dx2 = tl.zeros([BLOCK], dtype=dtype)
     if FORWARD:
         acc = tl.zeros([BLOCK, F_PAD], dtype=dtype)
     else:
         g = tl.load(grad_out_ptr + n64[:, None] * (L * F) + level * F + feat[None, :], mask=valid_f, other=0.0)
         g = g.to(dtype)
         g_table = g * grad_scale
-        if INPUT_GRAD:
-            dx0 = tl.zeros([BLOCK], dtype=dtype)
-            dx1 = tl.zeros([BLOCK], dtype=dtype)
-            dx2 = tl.zeros([BLOCK], dtype=dtype)
 
     # Corner c takes the high vertex along dimension d when bit d of c is set (x fastest).
     for c in tl.static_range(2**D):
@@ -194,14 +193,87 @@ def _hash_grid_kernel(
 
     if FORWARD:
         tl.store(out_ptr + n64[:, None] * (L * F) + level * F + feat[None, :], acc, mask=valid_f)
-    else:
+    # d frac / d x = s_l.
+    return dx0 * scale, dx1 * scale, dx2 * scale
+
+
+@triton.jit
+def _hash_grid_kernel(
+    x_ptr,  # [N, D] points, any float dtype, strides (stride_xn, stride_xd)
+    table_ptr,  # [n_entries * F] table, float32 or float64: the compute dtype
+    out_ptr,  # forward: [N, L * F] output in the table's dtype
+    grad_out_ptr,  # backward: [N, L * F] contiguous upstream gradient in the table's dtype
+    grad_table_ptr,  # backward: [n_entries * F] zero-initialised, table dtype
+    grad_x_ptr,  # backward: [N, D] contiguous, table dtype; zero-initialised for ALL_LEVELS false
+    scale_ptr,  # [L] float32 s_l
+    mult_ptr,  # [L, D] int64: R_l^d (dense levels) or hash primes (hashed levels)
+    size_ptr,  # [L] int64 rows per level
+    offset_ptr,  # [L] int64 first row of each level
+    n_points,
+    stride_xn,
+    stride_xd,
+    n_dense,  # levels 0 .. n_dense - 1 are dense, the others hashed
+    grad_scale,  # multiplies the table gradient only
+    D: tl.constexpr,
+    F: tl.constexpr,
+    F_PAD: tl.constexpr,  # F rounded up to a power of two (Triton block shapes)
+    L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FORWARD: tl.constexpr,
+    TABLE_GRAD: tl.constexpr,
+    INPUT_GRAD: tl.constexpr,  # backward only
+    ALL_LEVELS: tl.constexpr,  # `points` layout: grid [ceil(N / BLOCK)], else `levels`: [ceil(N / BLOCK), L]
+):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = n < n_points
+    n64 = n.to(tl.int64)  # N * L * F may exceed 2^31
+    x_row = x_ptr + n64 * stride_xn
+    # x is clamped to the cube; its gradient passes where 0 <= x <= 1, as through torch.clamp.
+    xc0, inside0 = _load_clamped(x_row, valid, table_ptr)
+    xc1, inside1 = xc0, inside0  # placeholders below D = 2, 3
+    xc2, inside2 = xc0, inside0
+    if D > 1:
+        xc1, inside1 = _load_clamped(x_row + stride_xd, valid, table_ptr)
+    if D > 2:
+        xc2, inside2 = _load_clamped(x_row + 2 * stride_xd, valid, table_ptr)
+
+    if ALL_LEVELS:
+        # The point gradient sums over the levels in registers and is stored once.
+        gx0 = tl.zeros([BLOCK], dtype=table_ptr.dtype.element_ty)
+        gx1 = tl.zeros([BLOCK], dtype=table_ptr.dtype.element_ty)
+        gx2 = tl.zeros([BLOCK], dtype=table_ptr.dtype.element_ty)
+        for level in range(L):
+            dx0, dx1, dx2 = _level(
+                level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
+                scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale,
+                D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD,
+            )
+            if INPUT_GRAD:
+                gx0 += dx0
+                if D > 1:
+                    gx1 += dx1
+                if D > 2:
+                    gx2 += dx2
         if INPUT_GRAD:
-            # d frac / d x = s_l; the L levels of a point meet in the atomic sum.
-            tl.atomic_add(grad_x_ptr + n64 * D, tl.where(inside0, dx0 * scale, 0.0), mask=valid, sem="relaxed")
+            tl.store(grad_x_ptr + n64 * D, tl.where(inside0, gx0, 0.0), mask=valid)
             if D > 1:
-                tl.atomic_add(grad_x_ptr + n64 * D + 1, tl.where(inside1, dx1 * scale, 0.0), mask=valid, sem="relaxed")
+                tl.store(grad_x_ptr + n64 * D + 1, tl.where(inside1, gx1, 0.0), mask=valid)
             if D > 2:
-                tl.atomic_add(grad_x_ptr + n64 * D + 2, tl.where(inside2, dx2 * scale, 0.0), mask=valid, sem="relaxed")
+                tl.store(grad_x_ptr + n64 * D + 2, tl.where(inside2, gx2, 0.0), mask=valid)
+    else:
+        level = tl.program_id(1)
+        dx0, dx1, dx2 = _level(
+            level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
+            scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale,
+            D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD,
+        )
+        if INPUT_GRAD:
+            # The L levels of a point meet in the atomic sum.
+            tl.atomic_add(grad_x_ptr + n64 * D, tl.where(inside0, dx0, 0.0), mask=valid, sem="relaxed")
+            if D > 1:
+                tl.atomic_add(grad_x_ptr + n64 * D + 1, tl.where(inside1, dx1, 0.0), mask=valid, sem="relaxed")
+            if D > 2:
+                tl.atomic_add(grad_x_ptr + n64 * D + 2, tl.where(inside2, dx2, 0.0), mask=valid, sem="relaxed")
 
 
 def interpreting() -> bool:
@@ -220,18 +292,31 @@ def _launch(
     grad_table: Tensor | None = None,
     grad_x: Tensor | None = None,
     grad_scale: float = 1.0,
+    launch_layout: str | None = None,
 ) -> None:
+    """One kernel launch: the forward pass when `out` is given, else the backward pass.
+
+    launch_layout: "levels" or "points" (see the module docstring); None takes LAUNCH_LAYOUT's
+    entry for the pass. grad_x must be zero-initialised for the `levels` layout only.
+    """
     level_scale, level_multiplier, level_size, level_offset, n_dense = layout
     n_points, n_dims = x.shape
     n_levels = level_scale.shape[0]
     forward = out is not None
+    if launch_layout is None:
+        launch_layout = LAUNCH_LAYOUT["forward" if forward else "backward"]
+    if launch_layout not in LAUNCH_LAYOUTS:
+        raise ValueError(f"Unknown hash-grid launch layout {launch_layout!r}; use one of {LAUNCH_LAYOUTS}.")
+    all_levels = launch_layout == "points"
     interpret = interpreting()
     if interpret:
         block = BLOCK_INTERPRETER
+    elif all_levels:
+        block = BLOCK_POINTS
     else:
         block = BLOCK_FORWARD if forward else BLOCK_BACKWARD
     dummy = table  # pointer arguments a pass does not touch
-    grid = (triton.cdiv(n_points, block), n_levels)
+    grid = (triton.cdiv(n_points, block),) if all_levels else (triton.cdiv(n_points, block), n_levels)
     args = (
         x, table, dummy if out is None else out, dummy if grad_out is None else grad_out,
         dummy if grad_table is None else grad_table, dummy if grad_x is None else grad_x,
@@ -240,7 +325,7 @@ def _launch(
     )
     meta = dict(
         D=n_dims, F=n_features, F_PAD=triton.next_power_of_2(n_features), L=n_levels, BLOCK=block,
-        FORWARD=forward, TABLE_GRAD=grad_table is not None, INPUT_GRAD=grad_x is not None,
+        FORWARD=forward, TABLE_GRAD=grad_table is not None, INPUT_GRAD=grad_x is not None, ALL_LEVELS=all_levels,
     )
     if interpret:
         _hash_grid_kernel[grid](*args, **meta)
@@ -270,12 +355,16 @@ class _HashGridFunction(torch.autograd.Function):
         x, table, *buffers = ctx.saved_tensors
         layout = (*buffers, ctx.n_dense)
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        launch_layout = LAUNCH_LAYOUT["backward"]
         grad_table = torch.zeros_like(table) if need_table else None
-        grad_x = torch.zeros(x.shape, dtype=table.dtype, device=x.device) if need_x else None
+        grad_x = None
+        if need_x:  # the `points` layout stores every entry once; `levels` adds into it
+            new = torch.empty if launch_layout == "points" else torch.zeros
+            grad_x = new(x.shape, dtype=table.dtype, device=x.device)
         if (need_x or need_table) and x.shape[0] > 0:
             _launch(
                 x, table, layout, ctx.n_features, grad_out=grad_out.to(table.dtype).contiguous(),
-                grad_table=grad_table, grad_x=grad_x, grad_scale=ctx.grad_scale,
+                grad_table=grad_table, grad_x=grad_x, grad_scale=ctx.grad_scale, launch_layout=launch_layout,
             )
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)

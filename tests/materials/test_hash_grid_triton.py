@@ -4,7 +4,8 @@ Each comparison runs twice: in Triton's interpreter on CPU tensors (numpy) and, 
 compiled on CUDA tensors. Triton picks interpreter or compiler once per process, when it is first
 imported (TRITON_INTERPRET=1 in the environment then), so the interpreter cases run in-process
 only under `TRITON_INTERPRET=1 pytest ...`; otherwise `test_cases_in_triton_interpreter` runs them
-in a child process. Without the `triton` package all of them are skipped.
+in a child process. Without the `triton` package all of them are skipped. Tests taking the `launch`
+fixture run once per launch layout of the kernel (`levels`, `points`).
 """
 import importlib.util
 import json
@@ -54,6 +55,17 @@ def device(request) -> torch.device:
     if triton_interprets():
         pytest.skip("triton runs its interpreter in this process (TRITON_INTERPRET=1): no compiled kernels")
     return torch.device("cuda")
+
+
+@pytest.fixture(params=["levels", "points"])
+def launch(request, monkeypatch) -> str:
+    """The kernel's launch layout for both passes (hash_grid_triton.LAUNCH_LAYOUT), for this test (after `device`,
+    which skips first where triton cannot run the case)."""
+    from recon.materials import hash_grid_triton
+
+    for phase in ("forward", "backward"):
+        monkeypatch.setitem(hash_grid_triton.LAUNCH_LAYOUT, phase, request.param)
+    return request.param
 
 
 @needs_triton
@@ -122,7 +134,7 @@ def assert_same_gradients(enc, x, weight, result, reference):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
-def test_matches_torch_backend(config, device):
+def test_matches_torch_backend(config, device, launch):
     enc = random_table(HashGridEncoding(backend="torch", **config)).to(device)
     assert 0 < enc.n_dense_levels < enc.n_levels  # both index kinds are exercised
     x = probe_points(enc, n_random=2000).to(device)
@@ -133,8 +145,71 @@ def test_matches_torch_backend(config, device):
     assert_same_gradients(enc, x, weight, result, reference)
 
 
+def set_launch_layout(monkeypatch, forward: str, backward: str) -> None:
+    from recon.materials import hash_grid_triton
+
+    monkeypatch.setitem(hash_grid_triton.LAUNCH_LAYOUT, "forward", forward)
+    monkeypatch.setitem(hash_grid_triton.LAUNCH_LAYOUT, "backward", backward)
+
+
+@pytest.mark.parametrize("n_input_dims", [1, 2, 3])
+def test_launch_layouts_agree(n_input_dims, device, monkeypatch):
+    """Every forward / backward pair of launch layouts: the grid each pass asks for, the same output
+    (bit for bit: same operations per level), table gradient (up to the order of the atomic adds)
+    and point gradient (up to the order of the level sum), with and without a point gradient."""
+    from recon.materials import hash_grid_triton
+
+    config = CONFIGS[{1: "small-1d", 2: "small-2d", 3: "small-3d"}[n_input_dims]]
+    enc = random_table(HashGridEncoding(backend="triton", **config)).to(device)
+    x = probe_points(enc, n_random=600).to(device)
+    assert x.shape[0] % hash_grid_triton.BLOCK_INTERPRETER and x.shape[0] % hash_grid_triton.BLOCK_POINTS
+    weight = torch.randn(x.shape[0], enc.n_output_dims, generator=torch.Generator().manual_seed(9)).to(device)
+    grids = []
+    kernel, interpreting = hash_grid_triton._hash_grid_kernel, hash_grid_triton.interpreting()
+
+    class RecordGrid:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(hash_grid_triton, "interpreting", lambda: interpreting)
+    monkeypatch.setattr(hash_grid_triton, "_hash_grid_kernel", RecordGrid())
+    results = {}
+    for forward in hash_grid_triton.LAUNCH_LAYOUTS:
+        for backward in hash_grid_triton.LAUNCH_LAYOUTS:
+            set_launch_layout(monkeypatch, forward, backward)
+            grids.clear()
+            results[forward, backward] = encode_and_backprop(enc, "triton", x, weight)
+            enc.params.grad = None
+            (enc(x) * weight).sum().backward()  # points without gradient
+            results[forward, backward] += (enc.params.grad.clone(),)
+            assert [len(grid) for grid in grids] == [1 if layout == "points" else 2 for layout in (forward, backward)] * 2
+            assert all(grid[1] == enc.n_levels for grid in grids if len(grid) == 2)
+    _, magnitude, _ = encode_and_backprop(enc, "torch", x, weight.abs())
+    out, grad_table, grad_x, grad_table_only = results["levels", "levels"]
+    assert grad_x.abs().max() > 0 and (grad_x == 0).any()  # some points outside the cube
+    for layouts, result in results.items():
+        torch.testing.assert_close(result[0], out, rtol=0, atol=0, msg=f"{layouts}")
+        assert_sums_close(result[1], grad_table, magnitude, 1e-6)
+        assert_sums_close(result[3], grad_table, magnitude, 1e-6)
+        torch.testing.assert_close(result[2], grad_x, rtol=1e-6, atol=1e-6 * grad_x.abs().max().item(), msg=f"{layouts}")
+
+
+@needs_triton
+def test_unknown_launch_layout_is_refused(monkeypatch):
+    from recon.materials import hash_grid_triton
+
+    enc = HashGridEncoding(backend="torch", **SMALL)
+    monkeypatch.setitem(hash_grid_triton.LAUNCH_LAYOUT, "forward", "tiles")
+    with pytest.raises(ValueError, match="launch layout 'tiles'"):
+        hash_grid_triton.hash_grid_encode(
+            torch.rand(3, 3), enc.params, enc.level_scale, enc.level_multiplier, enc.level_size, enc.level_offset,
+            enc.n_dense_levels, enc.n_features_per_level,
+        )
+
+
 @pytest.mark.parametrize("n_input_dims", [2, 3])
-def test_float64_matches_torch_backend(n_input_dims, device):
+def test_float64_matches_torch_backend(n_input_dims, device, launch):
     enc = random_table(HashGridEncoding(backend="torch", n_input_dims=n_input_dims, **SMALL).double()).to(device)
     x = probe_points(enc, n_random=1000).to(device)  # float32 points, float64 table: cast like torch
     weight = torch.randn(x.shape[0], enc.n_output_dims, dtype=torch.float64).to(device)
@@ -144,7 +219,7 @@ def test_float64_matches_torch_backend(n_input_dims, device):
     assert_same_gradients(enc, x, weight, result, reference)
 
 
-def test_grad_scale_scales_table_gradient_only(device):
+def test_grad_scale_scales_table_gradient_only(device, launch):
     enc = random_table(HashGridEncoding(backend="torch", grad_scale=128.0, **SMALL)).to(device)
     x = torch.rand(700, 3, generator=torch.Generator().manual_seed(3)).to(device)
     weight = torch.randn(700, enc.n_output_dims, generator=torch.Generator().manual_seed(4)).to(device)
@@ -158,7 +233,7 @@ def test_grad_scale_scales_table_gradient_only(device):
     torch.testing.assert_close(result[2], unscaled[2], rtol=1e-5, atol=1e-5 * unscaled[2].abs().max().item())
 
 
-def test_gradients_match_finite_differences(device):
+def test_gradients_match_finite_differences(device, launch):
     """gradcheck (float64) of the table and point gradients on a tiny grid with dense and hashed levels."""
     enc = random_table(HashGridEncoding(n_levels=3, log2_hashmap_size=6, base_resolution=2, max_resolution=8)).double()
     enc = enc.to(device)
@@ -180,7 +255,7 @@ def test_gradients_match_finite_differences(device):
     assert torch.autograd.gradcheck(lambda t: encode(x.detach(), t), (table,), eps=1e-6, atol=1e-9, fast_mode=True)
 
 
-def test_points_without_gradient_and_empty_input(device):
+def test_points_without_gradient_and_empty_input(device, launch):
     enc = random_table(HashGridEncoding(backend="triton", **SMALL)).to(device)
     x = torch.rand(300, 3, dtype=torch.float64).to(device)  # float64 points, float32 table
     out = enc(x)
@@ -255,7 +330,7 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
 
 @needs_triton
 @pytest.mark.gpu
-def test_large_batch_matches_torch_backend():
+def test_large_batch_matches_torch_backend(launch):
     """Many blocks per level, a ragged last block, and nvdiffrec's full-size table (on CUDA)."""
     if triton_interprets():
         pytest.skip("triton runs its interpreter in this process (TRITON_INTERPRET=1): no compiled kernels")
@@ -282,3 +357,26 @@ def test_benchmark_runs_on_cpu(tmp_path, capsys):
     for row in result["results"]:
         assert 0 < row["forward_ms"] and 0 < row["backward_ms"] and row["max_abs_diff_vs_torch"] == 0.0
     assert capsys.readouterr().out.count("| 300 |") == 4
+
+
+def test_benchmark_times_launch_layouts(device, tmp_path, capsys):
+    """bench/hash_grid.py --triton-layouts: one triton row per FORWARD/BACKWARD pair, outputs equal to the torch backend's."""
+    spec = importlib.util.spec_from_file_location("bench_hash_grid", Path(__file__).parents[2] / "bench" / "hash_grid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "hash_grid.json"
+    bench.main(["--device", device.type, "--n", "300", "--repeats", "1", "--warmup", "0", "--log2-hashmap-size", "12",
+                "--backends", "torch", "triton", "--triton-layouts", "levels", "points/levels", "--points", "surface",
+                "--input-grad", "yes", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["backend"], r["launch_layout"]) for r in rows] == [
+        ("torch", None), ("triton", "levels/levels"), ("triton", "points/levels")]
+    for row in rows:
+        assert 0 < row["forward_ms"] and 0 < row["backward_ms"] and row["max_abs_diff_vs_torch"] < 1e-5
+    printed = capsys.readouterr().out
+    assert "| triton levels/levels |" in printed and "| triton points/levels |" in printed
+    from recon.materials import hash_grid_triton
+
+    assert hash_grid_triton.LAUNCH_LAYOUT == {"forward": "levels", "backward": "levels"}  # restored
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--triton-layouts", "levels/tiles"])
