@@ -121,7 +121,7 @@ class LossConfig:
     reg_ramp_steps: int = 500             # the two material regularisers ramp in over this many steps of a pass
     laplace_scale: float = 3000.0         # relative Laplacian of pass 2, fading to 0 over the pass
     depth_weight: float = 0.0             # L1 depth loss where reference depth is given
-    fused_kernel: bool = False            # CUDA: colour and alpha losses as one Triton kernel each way
+    fused_kernel: bool = True             # CUDA: colour and alpha losses as one Triton kernel each way
 
 
 @dataclass

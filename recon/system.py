@@ -150,7 +150,7 @@ class ReconSystem(L.LightningModule):
             def material(gb, mask):
                 return self.textures(self.rasterizer, gb["gb_uv"], gb["gb_uv_da"])
         out = render_pbr(self.rasterizer, mesh, mvp, cam_pos, resolution, material, self.light, depth=depth,
-                         perturb=self.perturb_normal, mark=mark, fused=bool(self.render_cfg.get("fused_shading", False)))
+                         perturb=self.perturb_normal, mark=mark, fused=bool(self.render_cfg.get("fused_shading", True)))
         out["mesh"] = mesh
         return out
 
@@ -178,7 +178,7 @@ class ReconSystem(L.LightningModule):
         c = self.loss_cfg
         ref_a = img[..., 3:]
         ramp = min(1.0, self.pass_step / max(1, c.get("reg_ramp_steps", 500)))
-        losses = image_loss_function(bool(c.get("fused_kernel", False)), out["rgb"].device)
+        losses = image_loss_function(bool(c.get("fused_kernel", True)), out["rgb"].device)
         color_loss, alpha_loss = losses(out["rgb"], out["alpha"], img, bg)
         terms = {"color": color_loss, "alpha": alpha_loss}
         weights = {"color": 1.0, "alpha": c.get("alpha_weight", 1.0)}

@@ -73,11 +73,11 @@ def test_fused_image_losses_name_bad_shapes():
         image_losses_triton(full, full[..., 3:], img, bg)
 
 
-def test_the_fused_kernel_is_opt_in_and_cuda_only():
+def test_the_fused_kernel_is_the_cuda_default_and_cuda_only():
     assert image_loss_function(False, torch.device("cuda")) is image_losses
     assert image_loss_function(True, torch.device("cpu")) is image_losses
     from recon.fit import compose_config
-    assert compose_config(["experiment=nerf800"]).model.loss.fused_kernel is False
+    assert compose_config(["experiment=nerf800"]).model.loss.fused_kernel is True
 
 
 @pytest.mark.gpu
