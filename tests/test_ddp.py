@@ -91,3 +91,16 @@ def test_ddp_sweep_writes_one_dir_per_job(tmp_path):
     assert sorted(p.relative_to(sweep).as_posix() for p in sweep.rglob("mesh.obj")) == ["0/mesh.obj", "1/mesh.obj"]
     assert sorted(p.parent.name for p in sweep.rglob(".hydra")) == ["0", "1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "sweep"]
+
+
+def test_ddp_leaves_the_constant_buffers_alone():
+    """DDP's default broadcasts every buffer from rank 0 before each forward pass: ~0.7 GB of DMTet tables a step at
+    tet_grid=128. recon's buffers are constants (or, in pass 2, broadcast once at the switch), so the trainer
+    config turns that off."""
+    import hydra
+
+    from recon.fit import compose_config
+
+    strategy = hydra.utils.instantiate(compose_config(["trainer=ddp"]).trainer.strategy)
+    assert strategy._ddp_kwargs.get("broadcast_buffers") is False
+    assert strategy._ddp_kwargs.get("find_unused_parameters") is False
