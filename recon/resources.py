@@ -55,7 +55,7 @@ PIXEL_BYTES = {  # per rendered pixel of a pass-1 step (G-buffers, shading, the 
     # (800^2 x 8, grid 128: 24.4 GiB), both with the pure-PyTorch hash grid: the slope between the two runs
     "torch": 4409,
     # with the Triton kernel, nvdiffrast's cube-map lookups and the index_select gathers: quick-cuda-nvidia-h200.json
-    # (512^2 x 4, grid 64: 1.81 GiB, 734 B/px after the other terms) and nerf800-cuda-nvidia-h200.json (800^2 x 8,
+    # (512^2 x 4, grid 64: 1.81 GiB, 734 B/px after the other terms) and nerf800-7866e5a-cuda-nvidia-h200.json (800^2 x 8,
     # grid 128, the full 5000 + 5000 schedule: 6.87 GiB, 772 B/px), with the same FIXED
     "triton": 760,
     # tiny-cuda-nn's fused encoding: not measured; the Triton kernel's figure (both keep no per-corner tensors)
@@ -65,13 +65,17 @@ HOST_PIXEL_BYTES = 2000             # on a CPU (torch rasterizer and hash grid):
 #                                     `train.py experiment=cpu` (2 cores): 128^2 x 4 -> 1.43 GB and data.resolution=256
 #                                     data.batch_size=8 -> 2.40 GB peak resident memory
 FUSED_MLP_PIXEL_SAVING = 145        # model.material.fused_mlp on CUDA (one Triton kernel each way keeps no hidden
-#                                     activations), shading eager: nerf800-cuda-nvidia-h200.json (800^2 x 8, grid 128,
+#                                     activations), shading eager: nerf800-7e014e0-cuda-nvidia-h200.json (800^2 x 8, grid 128,
 #                                     5000 + 5000 steps: 6.18 GiB peak, 627 B/px after the other terms, against 772)
 COMPILED_PIXEL_SAVING = 162         # model.render.compile=auto/on on CUDA (Inductor fuses the shading and losses and
 #                                     keeps fewer intermediates for backward): nerf800-compiled-cuda-nvidia-h200.json
 #                                     (the same fit compiled: 5.41 GiB peak, 464 B/px)
+FUSED_KERNELS_PIXEL_SAVING = 177   # model.render.fused_shading with model.loss.fused_kernel on CUDA (the shading and
+#                                     the image losses as Triton kernels keep no intermediates for backward), in both
+#                                     passes: nerf800-cuda-nvidia-h200.json (5.34 GiB peak) against
+#                                     nerf800-7e014e0-cuda-nvidia-h200.json (the same fit with both off: 6.18 GiB)
 PASS2_PIXEL_BYTES = 460             # pass 2 (texture lookups, no hash grid), shading eager, is not measured apart:
-#                                     the whole run's peak (nerf800-cuda-nvidia-h200.json, 6.18 GiB) bounds pass 2's
+#                                     the whole run's peak (nerf800-7e014e0-cuda-nvidia-h200.json, 6.18 GiB) bounds pass 2's
 #                                     terms, which leaves at most 463 B per pixel (301 B compiled)
 GPU_FIXED_BYTES = 170_000_000       # the intercept of the two pure-PyTorch runs above (BSDF table, MLP, workspaces)
 HOST_FIXED_BYTES = 1_195_000_000    # cpu-small-cpu.json: 1.24 GB peak resident memory of the whole process (Python,
@@ -236,9 +240,14 @@ def estimate_memory(cfg, device: str | None = None, backend: str | None = None) 
     pass2_pixel_bytes = PASS2_PIXEL_BYTES
     if on_gpu and model["material"].get("fused_mlp", True) and triton_importable():
         pixel_bytes -= FUSED_MLP_PIXEL_SAVING
-    if on_gpu and mode_name(model.get("render", {}).get("compile", "off")) != "off" and triton_importable():
-        pixel_bytes -= COMPILED_PIXEL_SAVING
-        pass2_pixel_bytes -= COMPILED_PIXEL_SAVING
+    render, loss = model.get("render", {}), model.get("loss", {})
+    fused = render.get("fused_shading", True) and loss.get("fused_kernel", True)
+    compiled = mode_name(render.get("compile", "off")) != "off"
+    # the fused kernels replace the functions Inductor would compile: the larger saving of the two, not both
+    saving = max(FUSED_KERNELS_PIXEL_SAVING if fused else 0, COMPILED_PIXEL_SAVING if compiled else 0)
+    if on_gpu and triton_importable():
+        pixel_bytes -= saving
+        pass2_pixel_bytes -= saving
     pass1 = {**common, "pixels": pixel_bytes * batch * h * w}
     pass2 = {**common, "texture": TEXTURE_BYTES_PER_TEXEL * tex * tex,
              "pixels": min(pixel_bytes, pass2_pixel_bytes) * batch * h * w}

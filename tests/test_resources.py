@@ -18,14 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "results"
 
 
-UNFUSED = ["model.material.fused_mlp=false"]  # runs made before the fused MLP existed
-COMPILED = ["model.render.compile=auto"]
+# runs made before the fused kernels existed (they ran the torch functions)
+UNFUSED_SHADING = ["model.render.fused_shading=false", "model.loss.fused_kernel=false"]
+UNFUSED = ["model.material.fused_mlp=false", *UNFUSED_SHADING]
+COMPILED = ["model.render.compile=auto", *UNFUSED_SHADING]
 
 
 @pytest.mark.parametrize("result, experiment, device, backend, measured, overrides", [
     ("quick-cuda-nvidia-h200.json", "quick", "cuda:0", "triton", "peak_gpu_memory_bytes", UNFUSED),
     ("quick-torch-hash-cuda-nvidia-h200.json", "quick", "cuda:0", "torch", "peak_gpu_memory_bytes", UNFUSED),
     ("nerf800-short-cuda-nvidia-h200.json", "nerf800", "cuda:0", "torch", "peak_gpu_memory_bytes", UNFUSED),
+    ("nerf800-7e014e0-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", UNFUSED_SHADING),
     ("nerf800-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", []),
     ("nerf800-compiled-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", COMPILED),
     ("cpu-small-cpu.json", "cpu_small", "cpu", "torch", "peak_host_memory_bytes", []),
