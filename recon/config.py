@@ -83,6 +83,7 @@ class MaterialConfig:
     nrm_max: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     perturb_normal: bool = True           # learn a normal perturbation (normal map)
     smoothness_jitter: float = 0.01       # offset (scene units) of the albedo-smoothness regulariser
+    smoothness_fraction: float = 1.0      # share of the points it jitters (nvdiffrec: 1); below 1 a systematic sample
     position_grad: bool = True            # material gradients reach the surface points (nvdiffrec); false: detached
 
 

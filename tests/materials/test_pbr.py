@@ -30,6 +30,35 @@ def test_neural_material_in_bounds_with_smoothness():
     torch.testing.assert_close(mat.sample(pts), values)
 
 
+def test_smoothness_fraction_samples_every_kth_point_without_bias():
+    """smoothness_fraction=0.25 jitters every 4th point from a random start: the network sees 1.25x the points
+    instead of 2x, kd_grad is zero elsewhere, and its mean estimates the full term's (averaged over draws)."""
+    torch.manual_seed(0)
+    aabb = torch.tensor([[-1.0, -1, -1], [1, 1, 1]])
+    enc = {"n_levels": 4, "log2_hashmap_size": 10, "max_resolution": 64}
+    full = NeuralPBRMaterial(aabb, n_neurons=16, n_hidden_layers=1, encoding=enc, smoothness_jitter=0.2)
+    part = NeuralPBRMaterial(aabb, n_neurons=16, n_hidden_layers=1, encoding=enc, smoothness_jitter=0.2,
+                             smoothness_fraction=0.25)
+    part.load_state_dict(full.state_dict())
+    pts = torch.rand(1001, 3) * 2 - 1
+    seen = []
+    sample = part.field.sample
+    part.field.sample = lambda x: seen.append(x.shape[0]) or sample(x)
+    out = part(pts, smoothness=True, generator=torch.Generator().manual_seed(1))
+    assert seen == [1001 + 250]
+    nonzero = out["kd_grad"][:, 0].nonzero()[:, 0]
+    assert len(nonzero) == 250 and (nonzero.diff() == 4).all() and nonzero[0] < 4
+    with torch.no_grad():
+        means = [[m(pts, smoothness=True, generator=torch.Generator().manual_seed(s))["kd_grad"].mean()
+                  for s in range(200)] for m in (full, part)]
+    full_mean, part_mean = (torch.stack(m).mean() for m in means)
+    assert abs(part_mean - full_mean) < 0.03 * full_mean, (part_mean, full_mean)
+    out["kd_grad"].mean().backward()  # the sampled term still trains the network
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    with pytest.raises(ValueError, match="smoothness_fraction"):
+        NeuralPBRMaterial(aabb, encoding=enc, smoothness_fraction=0.0)
+
+
 @pytest.mark.parametrize("position_grad", [True, False])
 def test_position_grad_decides_whether_the_points_get_gradients(position_grad):
     """nvdiffrec lets the material's gradient move the surface points; position_grad=False detaches them, and the
