@@ -147,8 +147,10 @@ class ReconSystem(L.LightningModule):
                 return self.material(masked_rows(gb["gb_pos"], gb["covered_index"], mask.dim()), smoothness=smoothness,
                                      generator=generator)
         else:
-            def material(gb, mask):
-                return self.textures(self.rasterizer, gb["gb_uv"], gb["gb_uv_da"])
+            def material(gb, mask):  # looked up at the covered pixels alone
+                sel = gb["covered_index"]
+                return self.textures(self.rasterizer, masked_rows(gb["gb_uv"], sel, mask.dim()),
+                                     masked_rows(gb["gb_uv_da"], sel, mask.dim()))
         out = render_pbr(self.rasterizer, mesh, mvp, cam_pos, resolution, material, self.light, depth=depth,
                          perturb=self.perturb_normal, mark=mark, fused=bool(self.render_cfg.get("fused_shading", True)))
         out["mesh"] = mesh

@@ -137,10 +137,18 @@ class TexturePBRMaterial(nn.Module):
         return int(self.texture.shape[1])
 
     def forward(self, rasterizer, gb_uv: Tensor, gb_uv_da: Tensor | None) -> dict[str, Tensor]:
-        """Sample at G-buffer UVs [B,H,W,2] (derivatives [B,H,W,4] select the mip level) -> ``kd``/``ks``/``nrm`` [B,H,W,3]."""
+        """Sample at G-buffer UVs [B,H,W,2] (derivatives [B,H,W,4] select the mip level) -> ``kd``/``ks``/``nrm``
+        [B,H,W,3]; or at N points, UVs [N,2] and derivatives [N,4] -> [N,3] each (the covered pixels alone: each
+        pixel's lookup depends on its own UV and derivatives only, so the values are the same)."""
         mode = "linear-mipmap-linear" if gb_uv_da is not None else "linear"
-        values = rasterizer.texture(self.texture, gb_uv, gb_uv_da, filter_mode=mode)
-        return split_channels(values)
+        if gb_uv.dim() != 2:
+            return split_channels(rasterizer.texture(self.texture, gb_uv, gb_uv_da, filter_mode=mode))
+        n = gb_uv.shape[0]
+        if n == 0:  # an empty slice keeps the texture in the graph (a zero gradient, as for uncovered images)
+            return split_channels(self.texture.reshape(-1, CHANNELS)[:0])
+        uv_da = None if gb_uv_da is None else gb_uv_da.reshape(1, n, 1, 4)
+        values = rasterizer.texture(self.texture, gb_uv.reshape(1, n, 1, 2), uv_da, filter_mode=mode)
+        return split_channels(values.reshape(n, CHANNELS))
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -130,3 +130,35 @@ def test_uv_handedness_flips_with_mirrored_uvs():
     assert (mirrored.handedness == -a.handedness).float().mean() > 0.9
     with pytest.raises(ValueError, match="texture coordinates"):
         Mesh(mesh.verts, mesh.faces).with_tangents()
+
+
+def test_texture_material_at_covered_pixels_equals_the_image_lookup():
+    """Pass 2 looks the texture up at the covered pixels alone ([N,2] UVs): the render and its gradients (texture,
+    vertices) equal those of the lookup over whole G-buffer images; no covered pixel gives empty channels."""
+    from recon.gather import masked_rows
+    from recon.materials.pbr import TexturePBRMaterial
+
+    mesh, mvp, cam, res = _scene(40)
+    r = make_rasterizer("torch")
+    uv_mesh = unwrap(mesh)
+    results = []
+    for points in (False, True):
+        light = _light()
+        mat = TexturePBRMaterial(torch.rand(16, 16, 9, generator=torch.Generator().manual_seed(0)))
+        verts = uv_mesh.verts.clone().requires_grad_(True)
+        m = Mesh(verts, uv_mesh.faces, uv=uv_mesh.uv, uv_faces=uv_mesh.uv_faces).with_normals().with_tangents()
+
+        def material(gb, mask):
+            if not points:
+                return mat(r, gb["gb_uv"], gb["gb_uv_da"])
+            sel = gb["covered_index"]
+            return mat(r, masked_rows(gb["gb_uv"], sel, mask.dim()), masked_rows(gb["gb_uv_da"], sel, mask.dim()))
+
+        out = render_pbr(r, m, mvp, cam, res, material, light)
+        (out["rgb"] * torch.linspace(0, 1, 3)).sum().backward()
+        results.append((out["rgb"].detach(), mat.texture.grad, verts.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
+    empty = TexturePBRMaterial(torch.rand(8, 8, 9))(r, torch.zeros(0, 2), torch.zeros(0, 4))
+    assert all(v.shape == (0, 3) for v in empty.values())
