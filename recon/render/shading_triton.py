@@ -25,11 +25,10 @@ from torch import Tensor
 
 BLOCK = 128
 NUM_WARPS = 4
-EPS = 1e-20  # `_normalize`'s clamp of the squared length
-NORMAL_THRESHOLD = 0.1  # recon.render.shading.NORMAL_THRESHOLD
-MIN_N_DOT_V = 1e-4
+# The kernels spell the torch functions' constants as literals: 1e-20 (`_normalize`'s clamp of the squared length),
+# 0.1 (recon.render.shading.NORMAL_THRESHOLD) and 1e-4 (the n.v clamp); the tests compare with those functions.
 
-# Bits of the backward's NEED mask: which input gradients are written.
+# Bits of the backward's NEED mask: which input gradients are written (the kernel tests them as literals 1 .. 128).
 G_NRM, G_SMOOTH, G_GEOM, G_POS, G_VIEW, G_TAN, G_KD, G_ARM = (1 << i for i in range(8))
 
 
