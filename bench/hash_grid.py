@@ -23,7 +23,6 @@ the coarse levels' atomic adds collide).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -40,12 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/hash_grid.py` puts bench/, not the repository root, on sys.path
     sys.path.insert(0, str(ROOT))
 
-from recon.materials.hash_grid import HashGridEncoding, tcnn_available, triton_available  # noqa: E402
+from recon.materials.hash_grid import TRITON_LAYOUTS, HashGridEncoding, tcnn_available, triton_available, triton_layouts  # noqa: E402
 
 NVDIFFREC = dict(n_input_dims=3, n_levels=16, n_features_per_level=2, log2_hashmap_size=19,
                  base_resolution=16, max_resolution=4096)
 PHASES = ("forward", "backward", "forward_backward")
-LAUNCH_LAYOUTS = ("levels", "points")  # hash_grid_triton.LAUNCH_LAYOUTS, without importing triton here
 
 
 def make_points(n: int, layout: str, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -83,30 +81,11 @@ class Timer:
 
 
 def launch_layout(text: str) -> str:
-    """`FORWARD/BACKWARD` launch layouts of the triton backend; one name sets both."""
-    names = text.split("/")
-    if len(names) == 1:
-        names = names * 2
-    if len(names) != 2 or not set(names) <= set(LAUNCH_LAYOUTS):
-        raise argparse.ArgumentTypeError(f"{text!r}: use LAYOUT or FORWARD/BACKWARD with layouts in {LAUNCH_LAYOUTS}")
-    return "/".join(names)
-
-
-@contextlib.contextmanager
-def triton_launch_layout(layout: str | None):
-    """Set hash_grid_triton.LAUNCH_LAYOUT to `FORWARD/BACKWARD` inside the block (None: leave it)."""
-    if layout is None:
-        yield
-        return
-    from recon.materials import hash_grid_triton
-
-    saved = dict(hash_grid_triton.LAUNCH_LAYOUT)
-    forward, backward = layout.split("/")
-    hash_grid_triton.LAUNCH_LAYOUT.update(forward=forward, backward=backward)
+    """`FORWARD/BACKWARD` launch layouts of the triton backend (`HashGridEncoding.triton_layout`); one name sets both."""
     try:
-        yield
-    finally:
-        hash_grid_triton.LAUNCH_LAYOUT.update(saved)
+        return "/".join(triton_layouts(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def time_backend(
@@ -203,8 +182,8 @@ def run(args: argparse.Namespace) -> dict:
                     case = {"n_points": n, "points": layout, "input_grad": input_grad, "backend": backend,
                             "launch_layout": launch}
                     try:
-                        with triton_launch_layout(launch):
-                            res = time_backend(enc, backend, x, grad_out, input_grad, args.repeats, args.warmup)
+                        enc.triton_layout = None if launch is None else triton_layouts(launch)
+                        res = time_backend(enc, backend, x, grad_out, input_grad, args.repeats, args.warmup)
                     except torch.cuda.OutOfMemoryError as err:
                         rows.append({**case, "error": f"out of memory: {err}"})
                         torch.cuda.empty_cache()
@@ -308,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.n = [1_000_000, 4_000_000] if args.device.startswith("cuda") else [20_000]
     args.input_grad = [v == "yes" for v in args.input_grad]
     if args.triton_layouts is None:
-        args.triton_layouts = [f"{f}/{b}" for f in LAUNCH_LAYOUTS for b in LAUNCH_LAYOUTS]
+        args.triton_layouts = [f"{f}/{b}" for f in TRITON_LAYOUTS for b in TRITON_LAYOUTS]
     return args
 
 

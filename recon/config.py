@@ -65,6 +65,7 @@ class HashGridConfig:
     log2_hashmap_size: int = 19
     base_resolution: int = 16
     max_resolution: int = 4096
+    triton_layout: Optional[str] = None   # Triton kernel launch layout: levels | points | FORWARD/BACKWARD; null: levels
 
 
 @dataclass

@@ -35,6 +35,17 @@ import torch
 from torch import Tensor, nn
 
 BACKENDS = ("auto", "torch", "tcnn", "triton")
+TRITON_LAYOUTS = ("levels", "points")  # hash_grid_triton.LAUNCH_LAYOUTS (this module imports triton lazily)
+
+
+def triton_layouts(text: str) -> tuple[str, str]:
+    """``triton_layout`` as (forward, backward): "levels", "points" or "FORWARD/BACKWARD" (e.g. "levels/points")."""
+    names = str(text).split("/")
+    names = names * 2 if len(names) == 1 else names
+    if len(names) != 2 or not set(names) <= set(TRITON_LAYOUTS):
+        raise ValueError(f"model.material.encoding.triton_layout={text!r}: use 'levels', 'points' or "
+                         "FORWARD/BACKWARD of those, e.g. 'levels/points' (recon/materials/hash_grid_triton.py).")
+    return names[0], names[1]
 
 # tiny-cuda-nn's coherent prime hash; the first "prime" is 1 so that neighbouring x share cache lines.
 _PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
@@ -179,6 +190,8 @@ class HashGridEncoding(nn.Module):
     inputs or TRITON_INTERPRET=1, and n_input_dims <= 3) or "auto": on CUDA inputs tcnn when the
     table is float32 and `tinycudann` imports, else triton when it imports and n_input_dims <= 3;
     torch otherwise.
+    triton_layout: the Triton kernel's launch layouts, "levels", "points" or "FORWARD/BACKWARD"
+    (`hash_grid_triton`'s docstring); None: that module's LAUNCH_LAYOUT (levels).
     """
 
     def __init__(
@@ -191,8 +204,10 @@ class HashGridEncoding(nn.Module):
         max_resolution: int = 4096,
         backend: str = "auto",
         grad_scale: float = 1.0,
+        triton_layout: str | None = None,
     ):
         super().__init__()
+        self.triton_layout = None if triton_layout is None else triton_layouts(triton_layout)
         if backend not in BACKENDS:
             raise ValueError(f"HashGridEncoding backend={backend!r} is not one of {BACKENDS}.")
         if backend == "tcnn" and not tcnn_available():
@@ -289,7 +304,7 @@ class HashGridEncoding(nn.Module):
             f"n_input_dims={self.n_input_dims}, n_levels={self.n_levels}, "
             f"n_features_per_level={self.n_features_per_level}, log2_hashmap_size={self.log2_hashmap_size}, "
             f"resolution={self.base_resolution}..{self.max_resolution}, dense_levels={self.n_dense_levels}, "
-            f"backend={self.backend!r}, grad_scale={self.grad_scale}"
+            f"backend={self.backend!r}, grad_scale={self.grad_scale}, triton_layout={self.triton_layout}"
         )
 
     def __getstate__(self) -> dict:
@@ -427,7 +442,7 @@ class HashGridEncoding(nn.Module):
         grad_scale = self.grad_scale if table.requires_grad and torch.is_grad_enabled() else 1.0
         return _import_triton_backend().hash_grid_encode(
             x, table, self.level_scale, self.level_multiplier, self.level_size, self.level_offset,
-            self.n_dense_levels, self.n_features_per_level, grad_scale,
+            self.n_dense_levels, self.n_features_per_level, grad_scale, launch_layout=self.triton_layout,
         )
 
 

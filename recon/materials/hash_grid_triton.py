@@ -6,8 +6,9 @@ then either gathers and sums the corner features (forward) or atomically adds we
 gradient into the table gradient and, when the points need a gradient, accumulates d out / d x
 over the corners. Nothing but the inputs is saved between the passes.
 
-Two launch layouts, chosen per pass by LAUNCH_LAYOUT (module-level, read at every call; default
-"levels" for both passes), compute the same values:
+Two launch layouts compute the same values. Each pass takes the layout its encoding names
+(`HashGridEncoding(triton_layout=...)`, model.material.encoding.triton_layout) or else LAUNCH_LAYOUT's
+(module-level, read at every call; "levels" for both passes):
 
 - `levels`: a program handles BLOCK points of one level, grid = [ceil(N / BLOCK), L]; consecutive
   programs share a level, so the level's rows stay in L2. The levels of a point meet in atomic
@@ -340,22 +341,24 @@ class _HashGridFunction(torch.autograd.Function):
     """Triton forward and backward of the hash encoding; gradients for the table and the points."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, table: Tensor, layout: tuple, n_features: int, grad_scale: float) -> Tensor:
+    def forward(ctx, x: Tensor, table: Tensor, layout: tuple, n_features: int, grad_scale: float,
+                launch_layout: tuple[str, str] | None) -> Tensor:
         n_levels = layout[0].shape[0]
         out = torch.empty(x.shape[0], n_levels * n_features, dtype=table.dtype, device=x.device)
         if x.shape[0] > 0:
-            _launch(x, table, layout, n_features, out=out)
+            _launch(x, table, layout, n_features, out=out, launch_layout=launch_layout and launch_layout[0])
         ctx.save_for_backward(x, table, *layout[:4])
         ctx.n_dense, ctx.n_features, ctx.grad_scale = layout[4], n_features, grad_scale
+        ctx.launch_layout = LAUNCH_LAYOUT["backward"] if launch_layout is None else launch_layout[1]
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         x, table, *buffers = ctx.saved_tensors
         layout = (*buffers, ctx.n_dense)
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        launch_layout = LAUNCH_LAYOUT["backward"]
+        launch_layout = ctx.launch_layout
         grad_table = torch.zeros_like(table) if need_table else None
         grad_x = None
         if need_x:  # the `points` layout stores every entry once; `levels` adds into it
@@ -368,7 +371,7 @@ class _HashGridFunction(torch.autograd.Function):
             )
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_table, None, None, None
+        return grad_x, grad_table, None, None, None, None
 
 
 def hash_grid_encode(
@@ -381,6 +384,7 @@ def hash_grid_encode(
     n_dense_levels: int,
     n_features: int,
     grad_scale: float = 1.0,
+    launch_layout: tuple[str, str] | None = None,
 ) -> Tensor:
     """Multi-resolution hash encoding by the Triton kernels, differentiable w.r.t. table and x.
 
@@ -388,8 +392,9 @@ def hash_grid_encode(
     table: flat [n_entries * n_features] float32 or float64 (tiny-cuda-nn layout).
     level_scale [L] float32, level_multiplier [L, D] int64, level_size / level_offset [L] int64:
     `HashGridEncoding`'s buffers; levels below n_dense_levels are dense.
-    grad_scale multiplies the table's gradient (not x's). Returns [N, L * n_features] in the
-    table's dtype, level-major.
+    grad_scale multiplies the table's gradient (not x's). launch_layout: (forward, backward) layouts
+    (None: LAUNCH_LAYOUT's, read when each pass runs). Returns [N, L * n_features] in the table's
+    dtype, level-major.
     """
     n_dims = x.shape[1]
     if not 1 <= n_dims <= MAX_INPUT_DIMS:
@@ -404,4 +409,7 @@ def hash_grid_encode(
         level_scale.contiguous(), level_multiplier.contiguous(), level_size.contiguous(),
         level_offset.contiguous(), int(n_dense_levels),
     )
-    return _HashGridFunction.apply(x, table.contiguous(), layout, int(n_features), float(grad_scale))
+    if launch_layout is not None and not set(launch_layout) <= set(LAUNCH_LAYOUTS):
+        raise ValueError(f"Unknown hash-grid launch layouts {launch_layout}; use two of {LAUNCH_LAYOUTS}.")
+    return _HashGridFunction.apply(x, table.contiguous(), layout, int(n_features), float(grad_scale),
+                                   None if launch_layout is None else tuple(launch_layout))

@@ -208,6 +208,35 @@ def test_unknown_launch_layout_is_refused(monkeypatch):
         )
 
 
+def test_encoding_triton_layout_overrides_the_module_setting(device, monkeypatch):
+    """HashGridEncoding(triton_layout=...) (model.material.encoding.triton_layout) picks each pass's launch layout
+    whatever LAUNCH_LAYOUT says, with the same values; a bad name is refused with the setting's name."""
+    from recon.materials import hash_grid_triton
+
+    grids = []
+    kernel, interpreting = hash_grid_triton._hash_grid_kernel, hash_grid_triton.interpreting()
+
+    class RecordGrid:
+        def __getitem__(self, grid):
+            grids.append(len(grid))
+            return kernel[grid]
+
+    monkeypatch.setattr(hash_grid_triton, "interpreting", lambda: interpreting)
+    monkeypatch.setattr(hash_grid_triton, "_hash_grid_kernel", RecordGrid())
+    x = torch.rand(300, 3, generator=torch.Generator().manual_seed(0)).to(device)
+    outs = []
+    for layout, expected in (("points/levels", [1, 2]), ("levels", [2, 2]), (None, [2, 2])):
+        enc = random_table(HashGridEncoding(backend="triton", triton_layout=layout, **SMALL)).to(device)
+        grids.clear()
+        out = enc(x)
+        out.sum().backward()
+        assert grids == expected, (layout, grids)
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="model.material.encoding.triton_layout='tiles'"):
+        HashGridEncoding(backend="torch", triton_layout="tiles", **SMALL)
+
+
 @pytest.mark.parametrize("n_input_dims", [2, 3])
 def test_float64_matches_torch_backend(n_input_dims, device, launch):
     enc = random_table(HashGridEncoding(backend="torch", n_input_dims=n_input_dims, **SMALL).double()).to(device)
@@ -375,8 +404,5 @@ def test_benchmark_times_launch_layouts(device, tmp_path, capsys):
         assert 0 < row["forward_ms"] and 0 < row["backward_ms"] and row["max_abs_diff_vs_torch"] < 1e-5
     printed = capsys.readouterr().out
     assert "| triton levels/levels |" in printed and "| triton points/levels |" in printed
-    from recon.materials import hash_grid_triton
-
-    assert hash_grid_triton.LAUNCH_LAYOUT == {"forward": "levels", "backward": "levels"}  # restored
     with pytest.raises(SystemExit):
         bench.parse_args(["--triton-layouts", "levels/tiles"])
