@@ -1,10 +1,16 @@
 """Per-step wall time of the real training loop (Lightning, callbacks, logging and all), and its host syncs:
-`python bench/loop.py PRESET [--pass1-steps N] [--pass2-steps M] [--sync-trace] [--override K=V ...]`.
+`python bench/loop.py PRESET [--pass1-steps N] [--pass2-steps M] [--sync-trace] [--override K=V ...]
+[--compare K=V ... --rounds R]`.
 
 `bench/run.py`'s per-stage profile times hand-driven steps; this runs `recon.fit.run_fit` itself (no validation, no
 export) with a callback that timestamps every step and reports the median, mean and 90th percentile of the step
 time per pass, the first ``--skip`` steps of each pass left out (compilation, the bake). Steps are not synchronised:
 the wall time between consecutive step starts is what a fit spends per step in steady state.
+
+``--compare KEY=VALUE`` (repeatable) measures a second variant, the same run with those overrides added, in
+``--rounds`` interleaved rounds (A, B, A, B, ...): the two runs of a round share the machine's state, so the
+per-round differences of the medians show whether a change of a millisecond or two is real (two runs of the same
+code differ by 1-3 ms); the result gives each variant's medians per round and the differences' mean, min and max.
 
 ``--sync-trace`` runs one step of each pass under ``torch.cuda.set_sync_debug_mode("warn")`` and lists every
 operation that made the host wait for the GPU, with the recon source line that called it (CUDA only). A step
@@ -112,6 +118,18 @@ def measure(preset: str, pass1_steps: int, pass2_steps: int, skip: int, override
     return result
 
 
+def compare(measure_run, rounds: int) -> dict:
+    """Interleave ``rounds`` runs of variants A and B (``measure_run("A")`` / ``("B")`` return `measure` results):
+    per-round medians of each pass and the differences B - A (mean, min, max) in ms."""
+    runs = [{name: measure_run(name) for name in ("A", "B")} for _ in range(rounds)]
+    out = {"rounds": runs, "difference_ms": {}}
+    for p in ("pass1", "pass2"):
+        diffs = [r["B"][p]["median_ms"] - r["A"][p]["median_ms"] for r in runs if r["A"][p] and r["B"][p]]
+        if diffs:
+            out["difference_ms"][p] = {"mean": float(np.mean(diffs)), "min": float(min(diffs)), "max": float(max(diffs))}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("preset")
@@ -120,10 +138,31 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip", type=int, default=30, help="steps left out at the start of each pass")
     ap.add_argument("--sync-trace", action="store_true", help="list the host syncs of one step of each pass (CUDA)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                    help="overrides of a second variant, measured in interleaved rounds against the first")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of --compare (each runs both variants)")
     ap.add_argument("--out", type=Path, default=None, help="also write the result here as JSON")
     args = ap.parse_args(argv)
     if args.pass1_steps <= args.skip or args.pass2_steps < 0:
         ap.error(f"--pass1-steps ({args.pass1_steps}) must exceed --skip ({args.skip}); --pass2-steps must be >= 0.")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}.")
+    if args.compare:
+        variants = {"A": args.override, "B": [*args.override, *args.compare]}
+        r = compare(lambda v: measure(args.preset, args.pass1_steps, args.pass2_steps, args.skip, variants[v]),
+                    args.rounds)
+        r = {"preset": args.preset, "variants": variants, **r}
+        for i, rnd in enumerate(r["rounds"]):
+            for v in ("A", "B"):
+                med = [f"{rnd[v][p]['median_ms']:.2f}" if rnd[v][p] else "-" for p in ("pass1", "pass2")]
+                print(f"round {i + 1} {v}: pass1 {med[0]} ms, pass2 {med[1]} ms (median per step)")
+        for p, d in r["difference_ms"].items():
+            print(f"{args.preset} {p}: B - A = {d['mean']:+.2f} ms per step (rounds from {d['min']:+.2f} to {d['max']:+.2f}); "
+                  f"B adds {' '.join(args.compare)}")
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(r, indent=2))
+        return r
     r = measure(args.preset, args.pass1_steps, args.pass2_steps, args.skip, args.override, args.sync_trace)
     for name in ("pass1", "pass2"):
         s = r[name]

@@ -38,3 +38,33 @@ def test_loop_measures_both_passes(tmp_path):
     r = json.loads(out.read_text())
     assert r["pass1"]["steps"] == 4 and r["pass2"]["steps"] == 2 and r["pass1"]["median_ms"] > 0
     assert "cpu-small pass2: median" in proc.stdout
+
+
+def test_compare_interleaves_the_variants_and_reports_differences():
+    calls = []
+
+    def fake(variant):
+        calls.append(variant)
+        ms = 10.0 + (2.0 if variant == "B" else 0.0) + len(calls) * 0.1
+        return {"pass1": {"median_ms": ms}, "pass2": None if variant == "B" and len(calls) == 4 else {"median_ms": ms}}
+
+    r = loop.compare(fake, rounds=2)
+    assert calls == ["A", "B", "A", "B"]
+    d = r["difference_ms"]["pass1"]
+    assert abs(d["mean"] - 2.1) < 1e-9 and abs(d["min"] - 2.1) < 1e-9 and abs(d["max"] - 2.1) < 1e-9
+    assert abs(r["difference_ms"]["pass2"]["mean"] - 2.1) < 1e-9  # the round without a pass-2 figure is left out
+
+
+def test_loop_compare_runs_both_variants(tmp_path):
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "loop.py"), "cpu-small", "--pass1-steps", "4", "--pass2-steps", "0",
+           "--skip", "1", "--override", "data.resolution=32", "--override", "model.geometry.tet_grid=12",
+           "--override", "data.builtin.n_train=6", "--override", "data.builtin.n_test=1",
+           "--compare", "model.material.smoothness_fraction=0.5", "--rounds", "1", "--out", str(out)]
+    env = {**os.environ, "RECON_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["variants"]["B"][-1] == "model.material.smoothness_fraction=0.5" and len(r["rounds"]) == 1
+    assert r["rounds"][0]["A"]["pass1"]["steps"] == 3 and "pass1" in r["difference_ms"]
+    assert "B - A =" in proc.stdout
