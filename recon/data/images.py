@@ -1,16 +1,24 @@
 """Image file reading shared by every input layout."""
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import imageio.v3 as iio
 import numpy as np
+import torch
 
+from recon.color import srgb_to_linear
 from recon.data.frames import DataError
 
+MAX_READ_THREADS = 16  # image decoding releases the GIL: one thread per core, up to this many
 
-def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read an image as float32 sRGB [H,W,3] in [0,1] and its alpha [H,W] (None without an alpha channel)."""
+
+def decode_image(path: Path) -> np.ndarray:
+    """The file's pixels as stored: [H,W,3] or [H,W,4] (grey images repeated to RGB), any dtype."""
     try:
         img = iio.imread(path)
     except Exception as e:  # imageio raises many types for corrupt data
@@ -19,9 +27,62 @@ def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         img = img[..., None].repeat(3, -1)
     if img.ndim != 3 or img.shape[-1] not in (3, 4):
         raise DataError(f"image {path} has shape {img.shape}; expected H x W x 3 (RGB) or H x W x 4 (RGBA).")
+    return img
+
+
+def _as_float(img: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     scale = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
     img = img.astype(np.float32) / scale
     return img[..., :3], (img[..., 3] if img.shape[-1] == 4 else None)
+
+
+def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read an image as float32 sRGB [H,W,3] in [0,1] and its alpha [H,W] (None without an alpha channel)."""
+    return _as_float(decode_image(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_to_linear() -> np.ndarray:
+    """[256] float32: `srgb_to_linear` of each 8-bit value as `read_image` scales it (the same floats, so the same
+    results up to the last bit that torch's vectorised and scalar pow may differ in)."""
+    return srgb_to_linear(torch.arange(256, dtype=torch.float32) / 255.0).numpy()
+
+
+def read_linear_rgba(path: Path, background_color: tuple[float, float, float] | None,
+                     mask_tolerance: float) -> np.ndarray:
+    """An image as float32 [H,W,4]: linear RGB and coverage (`combine_alpha`: its alpha, else from the backdrop
+    colour). 8-bit RGBA, the common case, converts by table lookup: `srgb_to_linear` of `read_image`'s values."""
+    img = decode_image(path)
+    if img.dtype == np.uint8 and img.shape[-1] == 4:
+        out = np.empty(img.shape, np.float32)
+        out[..., :3] = _byte_to_linear()[img[..., :3]]
+        out[..., 3] = img[..., 3].astype(np.float32) / 255.0
+        return out
+    rgb, alpha = _as_float(img)
+    alpha = combine_alpha(rgb, alpha, None, path, background_color, mask_tolerance)
+    return np.concatenate([srgb_to_linear(torch.from_numpy(rgb)).numpy(), alpha[..., None]], -1)
+
+
+def read_all(paths: list[Path], read: Callable[[Path], np.ndarray], what: str) -> np.ndarray:
+    """``read`` every path into one [N,H,W,C] array, in threads (decoding releases the GIL); the first image sets
+    the size, and an image of another size is a DataError naming both files and ``what`` they belong to."""
+    first = read(paths[0])
+    out = np.empty((len(paths), *first.shape), first.dtype)
+    out[0] = first
+
+    def load(i: int) -> None:
+        img = read(paths[i])
+        if img.shape != first.shape:
+            raise DataError(
+                f"images in {what} differ in size: {paths[0]} is {first.shape[1]}x{first.shape[0]} but {paths[i]} is "
+                f"{img.shape[1]}x{img.shape[0]}. All frames of a split must have one size; resize them "
+                "(data.resolution then resamples every frame).")
+        out[i] = img
+
+    workers = max(1, min(MAX_READ_THREADS, os.cpu_count() or 1, len(paths) - 1))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(load, range(1, len(paths))))  # list(): the first error is raised here, in file order
+    return out
 
 
 def combine_alpha(

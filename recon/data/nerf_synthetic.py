@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon.color import srgb_to_linear
 from recon.data.frames import DataError, Frames, read_json_object
-from recon.data.images import combine_alpha, read_image
+from recon.data.images import read_all, read_linear_rgba
 
 IMAGE_SUFFIXES = (".png", ".PNG", ".jpg", ".jpeg", ".JPG", ".exr")
 
@@ -46,13 +45,6 @@ def _resolve_image(root: Path, file_path: str, json_path: Path, index: int) -> P
     )
 
 
-def read_image_rgba(path: Path, background_color: tuple[float, float, float] | None, mask_tolerance: float) -> np.ndarray:
-    """Read an image as float32 [H,W,4] sRGB + alpha in [0,1] (alpha from the backdrop colour for RGB images)."""
-    rgb, alpha = read_image(path)
-    alpha = combine_alpha(rgb, alpha, None, path, background_color, mask_tolerance)
-    return np.concatenate([rgb, alpha[..., None]], -1)
-
-
 def load_nerf_synthetic(
     root: str | Path,
     split: str,
@@ -68,7 +60,7 @@ def load_nerf_synthetic(
     frames = meta.get("frames")
     if not isinstance(frames, list) or not frames:
         raise DataError(f"{json_path} has no 'frames' list (or it is empty): the {split} split needs at least one frame.")
-    images, poses, paths = [], [], []
+    poses, paths = [], []
     for i, fr in enumerate(frames):
         if not isinstance(fr, dict) or "file_path" not in fr:
             raise DataError(f"frame {i} of {json_path} has no 'file_path'.")
@@ -77,18 +69,10 @@ def load_nerf_synthetic(
             raise DataError(f"frame {i} ('{fr['file_path']}') of {json_path} has no 4x4 'transform_matrix'.")
         if not np.isfinite(m).all():
             raise DataError(f"frame {i} ('{fr['file_path']}') of {json_path} has NaN or Inf in its transform_matrix.")
-        path = _resolve_image(root, fr["file_path"], json_path, i)
-        img = read_image_rgba(path, background_color, mask_tolerance)
-        if images and img.shape[:2] != images[0].shape[:2]:
-            raise DataError(
-                f"images in the {split} split differ in size: {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]} "
-                f"but {path} is {img.shape[1]}x{img.shape[0]}. All frames of a split must have one size; resize them "
-                "(data.resolution then resamples every frame)."
-            )
-        images.append(img)
+        paths.append(_resolve_image(root, fr["file_path"], json_path, i))
         poses.append(m)
-        paths.append(str(path))
-    h, w = images[0].shape[:2]
+    images = read_all(paths, lambda p: read_linear_rgba(p, background_color, mask_tolerance), f"the {split} split")
+    h, w = images.shape[1:3]
     if "camera_angle_x" in meta:
         fx = 0.5 * w / math.tan(0.5 * float(meta["camera_angle_x"]))
         fy = 0.5 * h / math.tan(0.5 * float(meta["camera_angle_y"])) if "camera_angle_y" in meta else fx
@@ -98,7 +82,5 @@ def load_nerf_synthetic(
     else:
         raise DataError(f"{json_path} has neither 'camera_angle_x' nor 'fl_x': the camera's field of view is unknown.")
     cx, cy = float(meta.get("cx", w / 2)), float(meta.get("cy", h / 2))
-    rgba = torch.from_numpy(np.stack(images))
-    rgba = torch.cat([srgb_to_linear(rgba[..., :3]), rgba[..., 3:]], -1)
     intrinsics = torch.tensor([[fx, fy, cx, cy]], dtype=torch.float32).repeat(len(images), 1)
-    return Frames(rgba.contiguous(), torch.from_numpy(np.stack(poses)).float(), intrinsics, paths)
+    return Frames(torch.from_numpy(images), torch.from_numpy(np.stack(poses)).float(), intrinsics, [str(p) for p in paths])
