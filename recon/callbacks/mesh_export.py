@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -51,8 +52,11 @@ def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_l
         if light_latlong is not None:
             write_hdr(stage / "probe.hdr", light_latlong)
         orm = torch.cat([1 - ch["ks"][..., 0:1], ch["ks"][..., 1:3]], -1)
-        write_glb(stage / "mesh.glb", mesh, ch["kd"], orm, ch["nrm"])
-        write_textured_obj(stage, mesh, ch["kd"], ks=ch["ks"], normal_ts=ch["nrm"])
+        with ThreadPoolExecutor(2) as pool:  # both encode their textures in threads; together they keep six busy
+            jobs = [pool.submit(write_glb, stage / "mesh.glb", mesh, ch["kd"], orm, ch["nrm"]),
+                    pool.submit(write_textured_obj, stage, mesh, ch["kd"], ks=ch["ks"], normal_ts=ch["nrm"])]
+            for job in jobs:
+                job.result()  # re-raises a writer's error here
         for name in EXPORT_FILES:
             if (stage / name).is_file():
                 (stage / name).replace(out_dir / name)

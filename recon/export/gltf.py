@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon.export.obj import atomic_write_bytes, image_tensor, png_bytes, texture_to_srgb8
+from recon.export.obj import atomic_write_bytes, image_tensor, png_bytes_all, texture_to_srgb8
 from recon.geometry.mesh import Mesh, compute_tangents, tangent_handedness, vertex_normals
 
 # glTF 2.0 enums (spec section 5: accessor.componentType, bufferView.target, sampler filters and wraps).
@@ -120,23 +120,26 @@ def glb_bytes(
                           "count": len(tan), "type": "VEC4"})
         attributes["TANGENT"] = len(accessors) - 1
 
-    images: list[dict] = []
+    pixels = {"kd": texture_to_srgb8(_image(kd_linear, "kd_linear"))}
+    if orm_linear is not None:
+        pixels["orm"] = _linear8(_image(orm_linear, "orm_linear"))
+    if normal_ts is not None:
+        pixels["normal"] = _linear8(_image(normal_ts, "normal_ts") * 0.5 + 0.5)
+    # texture i uses image i, in the order above; the PNGs are encoded together, in threads
+    images = [{"bufferView": bin_.add(data), "mimeType": "image/png", "name": name}
+              for name, data in zip(pixels, png_bytes_all(list(pixels.values())))]
+    index = {name: i for i, name in enumerate(pixels)}
 
-    def add_texture(image_uint8: np.ndarray, name: str) -> int:
-        images.append({"bufferView": bin_.add(png_bytes(image_uint8)), "mimeType": "image/png", "name": name})
-        return len(images) - 1  # texture i uses image i
-
-    pbr: dict = {"baseColorTexture": {"index": add_texture(texture_to_srgb8(_image(kd_linear, "kd_linear")), "kd")}}
+    pbr: dict = {"baseColorTexture": {"index": index["kd"]}}
     material: dict = {"name": "recon_material", "pbrMetallicRoughness": pbr}
     if orm_linear is not None:
         # glTF reads occlusion from R, roughness from G, metallic from B: recon's ORM order, one image for both.
-        orm = add_texture(_linear8(_image(orm_linear, "orm_linear")), "orm")
-        pbr["metallicRoughnessTexture"] = {"index": orm}
-        material["occlusionTexture"] = {"index": orm}
+        pbr["metallicRoughnessTexture"] = {"index": index["orm"]}
+        material["occlusionTexture"] = {"index": index["orm"]}
     else:
         pbr["metallicFactor"] = 0.0  # a baked albedo without ORM: dielectric, fully rough (the default)
     if normal_ts is not None:
-        material["normalTexture"] = {"index": add_texture(_linear8(_image(normal_ts, "normal_ts") * 0.5 + 0.5), "normal")}
+        material["normalTexture"] = {"index": index["normal"]}
 
     gltf = {
         "asset": {"version": "2.0", "generator": "recon"},

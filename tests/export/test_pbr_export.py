@@ -60,13 +60,15 @@ def test_round_trip(tmp_path, result):
     np.testing.assert_allclose(orm[..., 1:], tex[..., 4:6].numpy(), atol=1 / 255 + 1e-6)
 
 
-def test_crash_mid_export_leaves_nothing(tmp_path, result, monkeypatch):
+@pytest.mark.parametrize("writer", ["write_textured_obj", "write_glb"])
+def test_crash_mid_export_leaves_nothing(tmp_path, result, monkeypatch, writer):
+    """Either writer failing (they run side by side) leaves no file, whatever the other one finished."""
     mesh, tex, light = result
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(export_mod, "write_textured_obj", boom)  # after probe.hdr and mesh.glb are encoded
+    monkeypatch.setattr(export_mod, writer, boom)
     with pytest.raises(KeyboardInterrupt):
         write_result(tmp_path, mesh, tex, light)
     assert list(tmp_path.iterdir()) == []  # no mesh.glb, no mesh.obj, no staging folder
