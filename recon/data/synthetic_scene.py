@@ -19,14 +19,13 @@ import math
 import os
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from recon.color import linear_to_srgb
-from recon.export.obj import atomic_directory
+from recon.export.obj import atomic_directory, png_bytes_all
 from recon.render.camera import look_at, perspective, transform_pos
 
 SCENE_VERSION = 1
@@ -242,11 +241,11 @@ def render_views_pbr(
 
 def _write_split(root: Path, split: str, images: Tensor, c2w: np.ndarray) -> None:
     (root / split).mkdir(parents=True, exist_ok=True)
-    frames = []
-    for i, (img, m) in enumerate(zip(images, c2w)):
-        srgb = torch.cat([linear_to_srgb(img[..., :3]), img[..., 3:]], -1)
-        iio.imwrite(root / split / f"r_{i}.png", (srgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy())
-        frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": m.tolist()})
+    pixels = [(torch.cat([linear_to_srgb(img[..., :3]), img[..., 3:]], -1).clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+              .cpu().numpy() for img in images]
+    for i, data in enumerate(png_bytes_all(pixels)):  # encoded in threads
+        (root / split / f"r_{i}.png").write_bytes(data)
+    frames = [{"file_path": f"./{split}/r_{i}", "transform_matrix": m.tolist()} for i, m in enumerate(c2w)]
     meta = {"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}
     (root / f"transforms_{split}.json").write_text(json.dumps(meta, indent=2))
 
