@@ -21,6 +21,8 @@ cube; recon does not apply them (the poses are read unchanged, in the capture's 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -29,7 +31,7 @@ import torch
 
 from recon.color import srgb_to_linear
 from recon.data.frames import DataError, Frames, read_json_object
-from recon.data.images import combine_alpha, read_image
+from recon.data.images import MAX_READ_THREADS, combine_alpha, read_image
 
 IMAGE_SUFFIXES = (".png", ".PNG", ".jpg", ".jpeg", ".JPG", ".JPEG", ".exr")
 DISTORTION_KEYS = ("k1", "k2", "p1", "p2", "k3")
@@ -85,11 +87,19 @@ def read_mask(path: Path, image_path: Path, image_hw: tuple[int, int]) -> np.nda
 
 
 def to_frames(images: list[np.ndarray], poses: list[np.ndarray], intrinsics: list[list[float]], paths: list[str]) -> Frames:
-    """Stack sRGB+alpha images [H,W,4], poses [4,4] and (fx, fy, cx, cy) into linear-RGB Frames."""
-    rgba = torch.from_numpy(np.stack(images).astype(np.float32))
-    rgba = torch.cat([srgb_to_linear(rgba[..., :3]), rgba[..., 3:]], -1)
+    """Stack sRGB+alpha images [H,W,4], poses [4,4] and (fx, fy, cx, cy) into linear-RGB Frames (each image
+    converted straight into the one array, in threads: no stacked copy and no whole-array temporaries)."""
+    rgba = torch.empty((len(images), *images[0].shape), dtype=torch.float32)
+
+    def convert(i: int) -> None:
+        img = torch.from_numpy(np.asarray(images[i], dtype=np.float32))
+        rgba[i, ..., :3] = srgb_to_linear(img[..., :3])
+        rgba[i, ..., 3:] = img[..., 3:]
+
+    with ThreadPoolExecutor(max(1, min(MAX_READ_THREADS, os.cpu_count() or 1, len(images)))) as pool:
+        list(pool.map(convert, range(len(images))))
     c2w = torch.from_numpy(np.stack(poses)).float()
-    return Frames(rgba.contiguous(), c2w, torch.tensor(intrinsics, dtype=torch.float32), paths)
+    return Frames(rgba, c2w, torch.tensor(intrinsics, dtype=torch.float32), paths)
 
 
 def check_same_size(images: list[np.ndarray], paths: list[str], img: np.ndarray, path: Path, split: str) -> None:
