@@ -171,3 +171,33 @@ def test_learning_rates_decay_per_group_to_their_final_factors():
     assert lr["geometry"] == pytest.approx(o.lr_geometry * 0.01)
     assert lr["material"] == pytest.approx(o.lr_material * o.lr_final_factor)
     assert lr["light"] == pytest.approx(o.lr_light * o.lr_final_factor)
+
+
+def test_pass1_export_in_background_and_its_failure(tmp_path, monkeypatch):
+    """callbacks.mesh_export.background_pass1=true: the pass-1 export is written by a thread while pass 2 trains and
+    is complete when the fit ends; a failing pass-1 export fails the fit with the folder named, after pass 2."""
+    from recon.callbacks import mesh_export
+    from recon.fit import compose_config, run_fit
+
+    monkeypatch.setenv("RECON_CACHE", str(tmp_path / "cache"))
+    tiny = ["experiment=cpu_small", "model.pass1_steps=3", "model.pass2_steps=2", "data.resolution=32",
+            "data.batch_size=2", "data.builtin.n_train=4", "data.builtin.n_test=2", "model.geometry.tet_grid=12",
+            "model.light.base_res=16", "model.bake.texture_res=64", "callbacks.mesh_export.evaluate=false",
+            "callbacks.mesh_export.background_pass1=true"]
+    run = tmp_path / "ok"
+    run_fit(compose_config(tiny, out_dir=str(run)), str(run))
+    assert (run / "pass1" / "mesh.obj").is_file() and (run / "pass1" / "mesh.glb").is_file()
+    assert (run / "mesh.obj").is_file()
+
+    write = mesh_export.write_result
+
+    def failing_pass1(out_dir, *args, **kwargs):
+        if Path(out_dir).name == "pass1":
+            raise OSError("disk full")
+        return write(out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(mesh_export, "write_result", failing_pass1)
+    run = tmp_path / "failing"
+    with pytest.raises(RuntimeError, match=r"pass-1 export into .*pass1 failed: OSError\('disk full'\)"):
+        run_fit(compose_config(tiny, out_dir=str(run)), str(run))
+    assert not (run / "pass1" / "mesh.obj").exists() and not (run / "mesh.obj").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,14 +184,21 @@ class MeshExport(L.Callback):
 
     save_extracted: also write the full-resolution surface before clean-up as ``mesh_extracted.ply``.
     evaluate: run recon.eval on the export, with ``eval_samples`` surface samples for the geometry metrics.
+    background_pass1: write the pass-1 export in a thread while pass 2 trains (its files appear as a whole, as
+    always; the fit waits for it before the final export and fails if it failed). None: when training on CUDA, where
+    the host mostly waits for the GPU; on a CPU the writing would take cores from training, so it writes at once.
     ``listeners`` are called with "export" and "evaluate" as each of those stages begins (progress reports).
     """
 
-    def __init__(self, out_dir: str, save_extracted: bool = False, evaluate: bool = True, eval_samples: int = 100_000):
+    def __init__(self, out_dir: str, save_extracted: bool = False, evaluate: bool = True, eval_samples: int = 100_000,
+                 background_pass1: bool | None = None):
         self.out_dir = Path(out_dir)
         self.save_extracted = save_extracted
         self.evaluate = evaluate
         self.eval_samples = int(eval_samples)
+        self.background_pass1 = background_pass1
+        self._pass1_writer: threading.Thread | None = None
+        self._pass1_error: BaseException | None = None
         self._t0: float | None = None
         self._pass_seconds: dict[str, float] = {}
         self._step_times: dict[int, float] = {}  # global step -> time, at the ends of the throughput windows
@@ -227,14 +235,47 @@ class MeshExport(L.Callback):
         pl_module.pass1_result = None
         if trainer.is_global_zero:
             self._pass_seconds["pass1_seconds"] = time.perf_counter() - self._t0 if self._t0 else None
-            write_result(self.out_dir / "pass1", result["mesh"], result["texture"], result["light"], _to_world(trainer))
-            rank_zero_info(f"pass 1 exported to {self.out_dir / 'pass1'} ({result['mesh'].faces.shape[0]} triangles)")
+            args = (result["mesh"].detach().to("cpu"), result["texture"].detach().cpu(),
+                    None if result["light"] is None else result["light"].detach().cpu(), _to_world(trainer))
+            background = self.background_pass1
+            if background is None:
+                background = pl_module.device.type == "cuda"
+            if not background:
+                self._write_pass1(*args)
+                return
+            self._pass1_writer = threading.Thread(target=self._write_pass1, args=args, kwargs={"keep_error": True},
+                                                  name="recon-pass1-export")
+            self._pass1_writer.start()
+
+    def _write_pass1(self, mesh: Mesh, texture: torch.Tensor, light: torch.Tensor | None, to_world,
+                     keep_error: bool = False) -> None:
+        try:
+            write_result(self.out_dir / "pass1", mesh, texture, light, to_world)
+        except BaseException as err:  # in the thread: kept for `_join_pass1` to raise in the fit's thread
+            if not keep_error:
+                raise
+            self._pass1_error = err
+            return
+        rank_zero_info(f"pass 1 exported to {self.out_dir / 'pass1'} ({mesh.faces.shape[0]} triangles)")
+
+    def _join_pass1(self, raise_error: bool = True) -> None:
+        """Wait for a pass-1 export running in its thread; re-raise its error (naming the folder) if it failed."""
+        if self._pass1_writer is not None:
+            self._pass1_writer.join()
+            self._pass1_writer = None
+        err, self._pass1_error = self._pass1_error, None
+        if err is not None and raise_error:
+            raise RuntimeError(f"the pass-1 export into {self.out_dir / 'pass1'} failed: {err!r}") from err
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._join_pass1(raise_error=False)  # its files are complete or absent: let it finish, report the first error
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_end, not on_fit_end: the module is still on its training device here
         peaks = peak_memory_per_rank(trainer, pl_module)  # a collective: every rank, before rank 0 goes on alone
         if not trainer.is_global_zero:
             return
+        self._join_pass1()
         if trainer.interrupted:
             rank_zero_info("fit interrupted: no mesh exported.")
             return
