@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -13,8 +11,7 @@ import torch
 
 from recon.color import srgb_to_linear
 from recon.data.frames import DataError
-
-MAX_READ_THREADS = 16  # image decoding releases the GIL: one thread per core, up to this many
+from recon.parallel import thread_map
 
 
 def decode_image(path: Path) -> np.ndarray:
@@ -63,9 +60,17 @@ def read_linear_rgba(path: Path, background_color: tuple[float, float, float] | 
     return np.concatenate([srgb_to_linear(torch.from_numpy(rgb)).numpy(), alpha[..., None]], -1)
 
 
+def size_mismatch(what: str, first: Path | str, first_hw: tuple[int, ...], path: Path | str,
+                  hw: tuple[int, ...]) -> DataError:
+    """The error for an image of ``what`` (e.g. "the train split") whose size differs from the split's first."""
+    return DataError(
+        f"images in {what} differ in size: {first} is {first_hw[1]}x{first_hw[0]} but {path} is {hw[1]}x{hw[0]}. "
+        "All frames of a split must have one size; resize them (data.resolution then resamples every frame).")
+
+
 def read_all(paths: list[Path], read: Callable[[Path], np.ndarray], what: str) -> np.ndarray:
     """``read`` every path into one [N,H,W,C] array, in threads (decoding releases the GIL); the first image sets
-    the size, and an image of another size is a DataError naming both files and ``what`` they belong to."""
+    the size, and an image of another size is `size_mismatch`'s error."""
     first = read(paths[0])
     out = np.empty((len(paths), *first.shape), first.dtype)
     out[0] = first
@@ -73,15 +78,10 @@ def read_all(paths: list[Path], read: Callable[[Path], np.ndarray], what: str) -
     def load(i: int) -> None:
         img = read(paths[i])
         if img.shape != first.shape:
-            raise DataError(
-                f"images in {what} differ in size: {paths[0]} is {first.shape[1]}x{first.shape[0]} but {paths[i]} is "
-                f"{img.shape[1]}x{img.shape[0]}. All frames of a split must have one size; resize them "
-                "(data.resolution then resamples every frame).")
+            raise size_mismatch(what, paths[0], first.shape, paths[i], img.shape)
         out[i] = img
 
-    workers = max(1, min(MAX_READ_THREADS, os.cpu_count() or 1, len(paths) - 1))
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(load, range(1, len(paths))))  # list(): the first error is raised here, in file order
+    thread_map(load, range(1, len(paths)))
     return out
 
 

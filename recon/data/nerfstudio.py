@@ -21,8 +21,6 @@ cube; recon does not apply them (the poses are read unchanged, in the capture's 
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -31,7 +29,8 @@ import torch
 
 from recon.color import srgb_to_linear
 from recon.data.frames import DataError, Frames, read_json_object
-from recon.data.images import MAX_READ_THREADS, combine_alpha, read_image
+from recon.data.images import combine_alpha, read_image, size_mismatch
+from recon.parallel import thread_map
 
 IMAGE_SUFFIXES = (".png", ".PNG", ".jpg", ".jpeg", ".JPG", ".JPEG", ".exr")
 DISTORTION_KEYS = ("k1", "k2", "p1", "p2", "k3")
@@ -96,19 +95,14 @@ def to_frames(images: list[np.ndarray], poses: list[np.ndarray], intrinsics: lis
         rgba[i, ..., :3] = srgb_to_linear(img[..., :3])
         rgba[i, ..., 3:] = img[..., 3:]
 
-    with ThreadPoolExecutor(max(1, min(MAX_READ_THREADS, os.cpu_count() or 1, len(images)))) as pool:
-        list(pool.map(convert, range(len(images))))
+    thread_map(convert, range(len(images)))
     c2w = torch.from_numpy(np.stack(poses)).float()
     return Frames(rgba, c2w, torch.tensor(intrinsics, dtype=torch.float32), paths)
 
 
 def check_same_size(images: list[np.ndarray], paths: list[str], img: np.ndarray, path: Path, split: str) -> None:
     if images and img.shape[:2] != images[0].shape[:2]:
-        raise DataError(
-            f"images in the {split} split differ in size: {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]} "
-            f"but {path} is {img.shape[1]}x{img.shape[0]}. All frames of a split must have one size; resize them "
-            "(data.resolution then resamples every frame)."
-        )
+        raise size_mismatch(f"the {split} split", paths[0], images[0].shape, path, img.shape)
 
 
 # ----------------------------------------------------------------------------------------- transforms.json

@@ -6,7 +6,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from recon.color import linear_to_srgb, srgb_to_linear
 from recon.geometry.mesh import Mesh
+from recon.parallel import thread_map
 
 
 def default_file_mode() -> int:
@@ -68,12 +68,8 @@ def png_bytes(image_uint8: np.ndarray) -> bytes:
 
 def png_bytes_all(images: list[np.ndarray]) -> list[bytes]:
     """`png_bytes` of each image, in order, encoded in threads (the encoder releases the GIL; a 2048^2 texture takes
-    ~0.8 s), one per core up to 16."""
-    workers = min(len(images), os.cpu_count() or 1, 16)
-    if workers < 2:
-        return [png_bytes(im) for im in images]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(png_bytes, images))
+    ~0.8 s)."""
+    return thread_map(png_bytes, images)
 
 
 def texture_to_srgb8(texture_linear: Tensor) -> np.ndarray:

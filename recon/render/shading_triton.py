@@ -49,6 +49,12 @@ def _store3(ptr, row, x, y, z, mask):
 
 
 @triton.jit
+def _mul3(x, y, z, s):
+    """A vector times a scalar, component by component."""
+    return x * s, y * s, z * s
+
+
+@triton.jit
 def _unit(x, y, z):
     """v / |v| as `_normalize` (rsqrt of the clamped squared length); also returns that rsqrt and squared length."""
     s = x * x + y * y + z * z
@@ -123,12 +129,8 @@ def _shading_kernel(
     wx, wy, wz, r_w, q_w = _unit(dvx, dvy, dvz)  # towards the camera
     gex, gey, gez = _load3(geom_ptr, r64, s_geom, m)
     sgn = tl.where(gex * wx + gey * wy + gez * wz > 0.0, 1.0, -1.0)  # bend_normal: two-sided
-    shx = n1x * sgn
-    shy = n1y * sgn
-    shz = n1z * sgn
-    gsx = gex * sgn
-    gsy = gey * sgn
-    gsz = gez * sgn
+    shx, shy, shz = _mul3(n1x, n1y, n1z, sgn)
+    gsx, gsy, gsz = _mul3(gex, gey, gez, sgn)
     q = (wx * shx + wy * shy + wz * shz) / 0.1
     tb = tl.minimum(tl.maximum(q, 0.0), 1.0)
     nsx = gsx + tb * (shx - gsx)
@@ -213,9 +215,7 @@ def _shading_kernel(
         g_wz += g_q * shz
         if NEED & 4:
             _store3(d_geom_ptr, r64, g_nsx * (1.0 - tb) * sgn, g_nsy * (1.0 - tb) * sgn, g_nsz * (1.0 - tb) * sgn, m)
-        g_n1x = g_shx * sgn
-        g_n1y = g_shy * sgn
-        g_n1z = g_shz * sgn
+        g_n1x, g_n1y, g_n1z = _mul3(g_shx, g_shy, g_shz, sgn)
         # w = normalize(view_pos - pos)
         g_dvx, g_dvy, g_dvz = _unit_grad(dvx, dvy, dvz, r_w, q_w, g_wx, g_wy, g_wz)
         if NEED & 8:
@@ -229,15 +229,9 @@ def _shading_kernel(
                 g_zc = g_px * n0x + g_py * n0y + g_pz * n0z
                 _store3(d_nrm_ptr, r64, g_px * tx + g_py * ty + g_pz * tz, g_px * bx + g_py * by + g_pz * bz,
                         tl.where(nz >= 0.0, g_zc, 0.0), m)
-            g_tx = g_px * nx
-            g_ty = g_py * nx
-            g_tz = g_pz * nx
-            g_n0x = g_px * zc
-            g_n0y = g_py * zc
-            g_n0z = g_pz * zc
-            g_cx = g_px * ny * h
-            g_cy = g_py * ny * h
-            g_cz = g_pz * ny * h
+            g_tx, g_ty, g_tz = _mul3(g_px, g_py, g_pz, nx)
+            g_n0x, g_n0y, g_n0z = _mul3(g_px, g_py, g_pz, zc)
+            g_cx, g_cy, g_cz = _mul3(g_px * ny, g_py * ny, g_pz * ny, h)
             # c = n0 x t: d/dn0 = t x g_c, d/dt = g_c x n0
             g_n0x += ty * g_cz - tz * g_cy
             g_n0y += tz * g_cx - tx * g_cz

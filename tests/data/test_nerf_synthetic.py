@@ -150,8 +150,8 @@ def test_images_convert_to_linear_exactly_in_threads(tmp_path, monkeypatch):
     import imageio.v3 as iio
     import numpy as np
 
+    from recon import parallel
     from recon.color import srgb_to_linear
-    from recon.data import images as images_module
     from recon.data.images import read_all, read_image, read_linear_rgba
 
     rng = np.random.default_rng(0)
@@ -161,7 +161,7 @@ def test_images_convert_to_linear_exactly_in_threads(tmp_path, monkeypatch):
         img[0, 0, :3] = [0, 10, 255]  # both branches of the sRGB curve and its ends
         paths.append(tmp_path / f"r_{i}.png")
         iio.imwrite(paths[-1], img)
-    monkeypatch.setattr(images_module, "MAX_READ_THREADS", 3)
+    monkeypatch.setattr(parallel, "MAX_THREADS", 3)
     got = read_all(paths, lambda p: read_linear_rgba(p, None, 0.02), "the test split")
     for i, p in enumerate(paths):
         rgb, alpha = read_image(p)
