@@ -5,11 +5,17 @@ Builds the preset's config as `bench/run.py` does, runs warm-up steps of pass 1,
 does the same. Prints, per pass, the wall time per step, the host (CPU) time per step, the GPU kernel time per step
 and the kernels with the most GPU time, and writes the tables to ``--out`` as JSON. A step whose host time exceeds
 its kernel time is bound by the host (Python and kernel launches), not by the GPU.
+
+``--by-source`` also records Python stacks and sums the GPU time per function of recon's code that launched it (the
+innermost function under ``recon/``, shown with the line it is defined on; backward kernels under the autograd node
+that ran them, e.g. ``backward: MulBackward0``), which names the call behind a generic kernel such as
+``vectorized_gather_kernel``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,7 +40,50 @@ def _kernel_table(prof, steps: int, top: int) -> tuple[list[dict], float]:
     return rows[:top], total / 1e3 / steps
 
 
-def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int, top: int) -> dict:
+_FRAME = re.compile(r"(?:^|/)((?:recon|bench)/[^()]*\.py)\((\d+)\): (\S+)")
+
+
+def launch_site(evt) -> str:
+    """Where a profiled op was called from: ``recon/path.py:LINE function`` for the innermost function of recon's code
+    (or bench's) on its recorded stack or among its ancestors (LINE: the calling line on a recorded stack, the
+    function's first line for a function event), ``backward: NODE`` for an op the autograd engine ran, else ``(elsewhere)``."""
+    node = evt
+    while node is not None:
+        name = node.name
+        # the op's recorded stack, innermost frame first (torch up to 2.12), or a Python function event (2.13 on)
+        for frame in [*(getattr(node, "stack", None) or ()), name]:
+            found = _FRAME.search(frame)
+            if found:
+                return f"{found.group(1)}:{found.group(2)} {found.group(3)}"
+        if "Backward" in name and not name.startswith("autograd::"):
+            return f"backward: {name}"
+        node = node.cpu_parent
+    return "(elsewhere)"
+
+
+def source_table(events, steps: int, top: int, time_us=None) -> list[dict]:
+    """Time per launch site (`launch_site`) and op over the ops in ``events`` (``prof.events()`` of a profile taken
+    with ``with_stack=True``), largest first; ``time_us(evt)`` is an op's own time, by default its own GPU time."""
+    if time_us is None:
+        def time_us(evt):
+            return getattr(evt, "self_device_time_total", 0.0)
+    sums: dict[tuple[str, str], list[float]] = {}
+    for evt in events:
+        if evt.device_type != torch.autograd.DeviceType.CPU or _FRAME.search(evt.name):
+            continue
+        t = time_us(evt)
+        if t > 0:
+            entry = sums.setdefault((launch_site(evt), evt.name[:60]), [0.0, 0])
+            entry[0] += t
+            entry[1] += 1
+    rows = [{"site": site, "op": op, "ms_per_step": t / 1e3 / steps, "calls_per_step": n / steps}
+            for (site, op), (t, n) in sums.items()]
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:top]
+
+
+def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int, top: int,
+                 by_source: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     timer = bench.StageTimer(device)
@@ -42,7 +91,7 @@ def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int
     for _ in range(warmup):
         bench.training_step_stages(system, next(batches), opt, sched, timer)
     torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=by_source) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             bench.training_step_stages(system, next(batches), opt, sched, timer)
@@ -54,8 +103,11 @@ def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int
     host_ops = [{"name": e.key[:90], "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
                  "calls_per_step": e.count / steps} for e in host]
     launches = sum(e.count for e in prof.key_averages() if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
-    return {"wall_ms_per_step": wall, "gpu_kernel_ms_per_step": gpu_ms, "launches_per_step": launches / steps,
-            "kernels": kernels, "host_ops": host_ops}
+    result = {"wall_ms_per_step": wall, "gpu_kernel_ms_per_step": gpu_ms, "launches_per_step": launches / steps,
+              "kernels": kernels, "host_ops": host_ops}
+    if by_source:
+        result["sources"] = source_table(prof.events(), steps, top)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--by-source", action="store_true",
+                    help="also sum the GPU time per line of recon's code that launched it (records Python stacks)")
     ap.add_argument("--out", type=Path, default=None, help="write the tables here as JSON")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -74,12 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     datamodule, system, opt, sched = bench.build_for_profile(cfg, device)
     system.train()
     result = {"preset": args.preset, "overrides": args.override, "device": torch.cuda.get_device_name(device)}
-    result["pass1"] = profile_pass(system, datamodule, opt, sched, device, args.steps, args.warmup, args.top)
+    result["pass1"] = profile_pass(system, datamodule, opt, sched, device, args.steps, args.warmup, args.top,
+                                   args.by_source)
     if int(cfg.model.pass2_steps) > 0:
         system.begin_pass2()
         conf = system.configure_optimizers()
         result["pass2"] = profile_pass(system, datamodule, conf["optimizer"], conf["lr_scheduler"]["scheduler"], device,
-                                       args.steps, args.warmup, args.top)
+                                       args.steps, args.warmup, args.top, args.by_source)
     for name in ("pass1", "pass2"):
         if name not in result:
             continue
@@ -91,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         print("  host, self time:")
         for k in r["host_ops"][:12]:
             print(f"  {k['self_ms_per_step']:7.2f} ms  {k['calls_per_step']:6.1f}x  {k['name']}")
+        if "sources" in r:
+            print("  GPU time by launch site:")
+            for k in r["sources"]:
+                print(f"  {k['ms_per_step']:7.2f} ms  {k['calls_per_step']:6.1f}x  {k['site']}  [{k['op']}]")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

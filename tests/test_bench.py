@@ -160,3 +160,33 @@ def test_scaling_speedup_and_table():
               "overrides": [], "runs": runs, "config": bench.config_summary(bench.compose_config("cpu-small"))}
     md = scaling.scaling_markdown(result)
     assert "| 2 | 9.00 | 16.00 | 1.80 | 1.60 |" in md and "11.00 / 10.00" in md
+
+
+def test_kernel_time_by_launch_site():
+    """bench/kernels.py --by-source: an op's time goes to the recon function that called it, a backward op's to
+    its autograd node (CPU time stands in for GPU time here)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from recon.gather import take_rows
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    x = torch.randn(1000, 64, requires_grad=True)
+    index = torch.randint(0, 1000, (5000,))
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(2):
+            take_rows(x, index).square().sum().backward()
+    rows = kernels.source_table(prof.events(), 2, 50, time_us=lambda evt: evt.self_cpu_time_total)
+    found = {(r["site"], r["op"]): r["calls_per_step"] for r in rows}
+    line = take_rows.__code__.co_firstlineno
+    assert found[(f"recon/gather.py:{line} take_rows", "aten::index_select")] == 1.0
+    assert ("backward: IndexSelectBackward0", "aten::scatter_add_") in found or \
+        ("backward: IndexSelectBackward0", "aten::index_add_") in found
+    assert all(r["ms_per_step"] > 0 for r in rows) and rows == sorted(rows, key=lambda r: -r["ms_per_step"])
+
+    class Op:  # an op as older torch records it: the Python stack on the op itself, innermost frame first
+        name, cpu_parent = "aten::gather", None
+        stack = ["torch/nn/functional.py(10): f", "/x/recon/render/shading.py(227): render_pbr", "/x/train.py(3): main"]
+
+    assert kernels.launch_site(Op()) == "recon/render/shading.py:227 render_pbr"
