@@ -26,13 +26,19 @@ def random_csr(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch
 
 CHECK = """
 import torch
-from recon.spmm_triton import csr_matmul, interpreting
+from recon.spmm_triton import CHUNK, csr_matmul, interpreting, row_chunks
 assert interpreting()
 worst = 0.0
-for rows, cols, ch in ((40, 300, 3), (7, 200, 1), (6, 5, 16)):
+chunked = 0
+# 300 and 700 columns: row 5 is longer than CHUNK (cut into 2 and 3 chunks), the rest short or empty
+for rows, cols, ch in ((40, 300, 3), (7, 200, 1), (6, 5, 16), (12, 700, 3)):
     a, d = random_csr(rows, cols)
+    chunked += row_chunks(a.crow_indices()) is not None
     x = torch.randn(cols, ch, generator=torch.Generator().manual_seed(1))
-    worst = max(worst, float((csr_matmul(a, x) - d @ x).abs().max()))
+    ref = d @ x
+    for _ in range(2):  # the second product reuses the kept chunk list
+        worst = max(worst, float((csr_matmul(a, x) - ref).abs().max() / ref.abs().max()))
+assert chunked == 2, chunked
 print("max error", worst)
 """
 
@@ -40,7 +46,18 @@ print("max error", worst)
 @needs_triton
 def test_csr_matmul_in_triton_interpreter(in_triton_interpreter):
     out = in_triton_interpreter("import torch\n" + inspect.getsource(random_csr) + CHECK)
-    assert float(out.split("max error")[1]) < 1e-5
+    assert float(out.split("max error")[1]) < 1e-6  # relative to the largest output
+
+
+@needs_triton
+def test_row_chunks_cover_each_long_row_once():
+    from recon.spmm_triton import row_chunks
+
+    crow = torch.tensor([0, 3, 3, 13, 14, 14], dtype=torch.int32)  # rows of 3, 0, 10, 1, 0 entries
+    assert row_chunks(crow, chunk=10) is None  # balanced: the row kernel does it
+    row, start, end = row_chunks(crow, chunk=4)
+    assert row.tolist() == [0, 2, 2, 2, 3]  # empty rows have no chunk, the 10-entry row three
+    assert start.tolist() == [0, 3, 7, 11, 13] and end.tolist() == [3, 7, 11, 13, 14]
 
 
 @needs_triton
