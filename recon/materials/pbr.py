@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recon.gather import scatter_rows
 from recon.materials.mlp_texture import MLPTexture3D
 
 CHANNELS = 9
@@ -105,7 +106,7 @@ class NeuralPBRMaterial(nn.Module):
         base = values[..., KD] if sampled is None else values[..., KD].index_select(0, sampled)
         change = (values_j[..., KD] - base).abs().mean(-1, keepdim=True)
         if sampled is not None:
-            change = change.new_zeros(n, 1).index_copy(0, sampled, change * (n / sampled.shape[0]))
+            change = scatter_rows(change * (n / sampled.shape[0]), sampled, n)
         out["kd_grad"] = change
         return out
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from recon.compiled import fused
-from recon.gather import mask_index, masked_rows, take_rows
+from recon.gather import mask_index, masked_rows, scatter_rows, take_rows
 from recon.geometry.mesh import Mesh
 from recon.optional import triton_importable
 from recon.render.camera import transform_pos
@@ -178,8 +178,9 @@ def render_pbr(
     ``gb["covered_index"]``, `recon.gather.mask_index` of the mask, which equals ``x[mask]``), or as images
     [B,H,W,C] (a texture lookup). Returns the G-buffers plus ``rgb`` [B,H,W,3] linear HDR premultiplied by
     coverage, ``alpha`` [B,H,W,1], the material images ``kd``/``ks``/``normal`` [B,H,W,3] (zero where
-    uncovered), ``kd_grad`` [B,H,W,1] when the material gives it and, with ``depth``, ``depth`` [B,H,W,1]
-    (distance along the camera's view axis, scene units; 0 where uncovered).
+    uncovered), ``kd_grad`` [B,H,W,1] when the material gives it, ``covered``: ``ks`` [N,3] and ``kd_grad`` [N,1] at
+    the covered pixels (what the images hold there, for losses that need no image) and, with ``depth``, ``depth``
+    [B,H,W,1] (distance along the camera's view axis, scene units; 0 where uncovered).
     mark: called after each stage (G-buffers, material, shading and antialiasing), for profilers.
     fused: the per-pixel shading arithmetic as Triton kernels (`recon.render.shading_triton`) where they run (float32
     CUDA tensors; Triton's interpreter in tests), with the same values and gradients.
@@ -223,12 +224,16 @@ def render_pbr(
     else:
         n_shade = shading_normal(nrm_ts, covered(smooth), n_geom, pos, view_pos, tangent, hand)
         color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
-    values = torch.cat([color, mat["kd"], mat["ks"], n_shade] + ([mat["kd_grad"]] if "kd_grad" in mat else []), -1)
-    images = values.new_zeros(mask.numel(), values.shape[-1]).index_copy(0, sel, values).reshape(*n_pix, -1)
-    gb["rgb"], gb["alpha"] = with_coverage(rasterizer, images[..., :3], gb, mesh.faces, antialias)
-    gb["kd"], gb["ks"], gb["normal"] = images[..., 3:6], images[..., 6:9], images[..., 9:12]
+    def image(v: Tensor) -> Tensor:  # covered rows -> [B,H,W,C], zero where uncovered
+        return scatter_rows(v, sel, mask.numel()).reshape(*n_pix, -1)
+
+    # one image per quantity: slices of a joint image would each take a full-image zero fill and copy in backward
+    gb["rgb"], gb["alpha"] = with_coverage(rasterizer, image(color), gb, mesh.faces, antialias)
+    gb["kd"], gb["ks"], gb["normal"] = image(mat["kd"]), image(mat["ks"]), image(n_shade)
+    gb["covered"] = {"ks": mat["ks"]}
     if "kd_grad" in mat:
-        gb["kd_grad"] = images[..., 12:13]
+        gb["kd_grad"] = image(mat["kd_grad"])
+        gb["covered"]["kd_grad"] = mat["kd_grad"]
     if depth:
         gb["depth"], _ = rasterizer.interpolate(gb["pos_clip"][..., 3:4].contiguous(), gb["rast"], mesh.faces)
     if mark is not None:
