@@ -48,8 +48,10 @@ def channel_bounds(
 
 
 def split_channels(values: Tensor) -> dict[str, Tensor]:
-    """[...,9] -> ``kd``, ``ks`` [...,3] and ``nrm`` [...,3] (views of the input)."""
-    return {"kd": values[..., KD], "ks": values[..., KS], "nrm": values[..., NRM]}
+    """[...,9] -> ``kd``, ``ks`` [...,3] and ``nrm`` [...,3] (views of the input). One split, not three slices: its
+    backward is one concatenation, where each slice's would zero-fill and copy a gradient of the whole input."""
+    kd, ks, nrm = values.split(3, dim=-1)
+    return {"kd": kd, "ks": ks, "nrm": nrm}
 
 
 class NeuralPBRMaterial(nn.Module):
@@ -101,10 +103,10 @@ class NeuralPBRMaterial(nn.Module):
         anchors = points if sampled is None else points.index_select(0, sampled)
         offset = torch.randn(anchors.shape, generator=generator, device=points.device, dtype=points.dtype)
         both = self.field.sample(torch.cat([points, anchors + offset * self.smoothness_jitter]))  # one network pass
-        values, values_j = both[:n], both[n:]
+        values, values_j = both.split([n, both.shape[0] - n])
         out = split_channels(values)
-        base = values[..., KD] if sampled is None else values[..., KD].index_select(0, sampled)
-        change = (values_j[..., KD] - base).abs().mean(-1, keepdim=True)
+        base = out["kd"] if sampled is None else out["kd"].index_select(0, sampled)
+        change = (values_j.split([3, CHANNELS - 3], dim=-1)[0] - base).abs().mean(-1, keepdim=True)
         if sampled is not None:
             change = scatter_rows(change * (n / sampled.shape[0]), sampled, n)
         out["kd_grad"] = change
