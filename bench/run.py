@@ -308,6 +308,7 @@ def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
         "steady_iterations_per_second": {p: timing.get(f"{p}_iterations_per_second") for p in ("pass1", "pass2")},
         "first_steps": {k: timing.get(k) for k in ("pass1_first_steps", "pass1_first_steps_seconds", "pass2_first_steps",
                                                    "pass2_first_steps_seconds")},
+        "startup_seconds": timing.get("startup_seconds"),
         "stages": prof["stages"], "step_ms": prof["step_ms"], "wall_step_ms": prof.get("wall_step_ms"),
         "pass2": prof.get("pass2"), "profile_steps": prof.get("steps"),
     }
@@ -387,6 +388,12 @@ def result_markdown(r: dict) -> str:
         passes += (f" Before the first step {before:.1f} s (imports, data, compiling; "
                    + ("warm start: scene cached, plugin and kernels compiled by an earlier run" if r.get("warm_start")
                       else "cold start") + ").")
+    startup = r.get("startup_seconds")
+    if startup:
+        passes += (" Since the training process started: data ready (imports, config, scene, frames) at "
+                   f"{startup['data_ready']:.1f} s, fit start (model on the device, optimisers) at "
+                   f"{startup['fit_start']:.1f} s, first step from {startup['first_step_start']:.1f} s to "
+                   f"{startup['first_step_end']:.1f} s.")
     caches = r.get("caches")
     if caches:
         plugin = {True: "built", False: "not built", None: "–"}[caches.get("nvdiffrast_plugin")]

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,12 @@ def test_cpu_fit_recovers_builtin_scene(tmp_path):
 
 
 def test_short_fit_writes_all_outputs(tmp_path):
+    t0 = time.perf_counter()
     proc = run_train(tmp_path, "experiment=cpu", "model.pass1_steps=3", "model.pass2_steps=2", "data.resolution=32",
                      "data.batch_size=2", "data.builtin.n_train=4", "data.builtin.n_test=2", "model.geometry.tet_grid=16",
                      "model.light.base_res=16", "model.bake.texture_res=64", "callbacks.mesh_export.eval_samples=2000")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    proc_seconds = time.perf_counter() - t0
     run = tmp_path / "run"
     exports = ("mesh.obj", "mesh.mtl", "texture_kd.png", "texture_ks.png", "texture_n.png", "probe.hdr", "mesh.glb")
     for name in (*exports, "metrics.json", "run.json", "timing.json"):
@@ -62,6 +65,9 @@ def test_short_fit_writes_all_outputs(tmp_path):
     assert 0 < timing["pass1_first_steps_seconds"] < timing["pass1_seconds"]
     assert 0 < timing["pass2_first_steps_seconds"] and timing["pass1_first_steps_seconds"] + timing[
         "pass2_first_steps_seconds"] < timing["fit_seconds"]
+    startup = timing["startup_seconds"]  # since the process started, in the order a fit reaches them
+    assert 0 < startup["data_ready"] <= startup["fit_start"] <= startup["first_step_start"] <= startup["first_step_end"]
+    assert startup["first_step_end"] < proc_seconds
     summary = proc.stdout + proc.stderr  # the closing summary: where the exports are, the metrics, the time
     assert f"recon finished: {run}" in summary and "mesh.obj, mesh.glb, probe.hdr" in summary and "PSNR" in summary
     metrics = json.loads((run / "metrics.json").read_text())

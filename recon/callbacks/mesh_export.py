@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,16 @@ def start_up_seconds(step_times: dict[int, float], t0: float | None, pl_module: 
     return out
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux, from /proc, to 10 ms), None where that is not known."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def peak_memory_per_rank(trainer: L.Trainer, pl_module: L.LightningModule) -> list[int] | None:
     """Peak allocated GPU memory of every rank (gathered to all), or None off CUDA."""
     if not (torch.cuda.is_available() and pl_module.device.type == "cuda"):
@@ -203,15 +214,20 @@ class MeshExport(L.Callback):
         self._pass_seconds: dict[str, float] = {}
         self._step_times: dict[int, float] = {}  # global step -> time, at the ends of the throughput windows
         self._marks: tuple[int, ...] | None = None
+        self._startup: dict[str, float | None] = {}  # seconds since the process started, at the fit's milestones
         self.listeners: list[Callable[[str], None]] = []
 
     def _begin(self, stage: str) -> None:
         for listener in self.listeners:
             listener(stage)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._startup["data_ready"] = process_age()  # after the data module's prepare_data and setup
+
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()
+        self._startup["fit_start"] = process_age()  # the model on its device, optimisers configured
         dm = trainer.datamodule
         info = {"data_dir": str(Path(dm.scene_dir()).resolve()), "format": dm.format if dm.path else "nerf_synthetic",
                 "resolution": list(dm.resolution) if dm.resolution else None,
@@ -222,7 +238,13 @@ class MeshExport(L.Callback):
             info["normalization"] = norm.as_dict()
         atomic_write_bytes(self.out_dir / RUN_INFO, json.dumps(info, indent=2).encode())
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if "first_step_start" not in self._startup:
+            self._startup["first_step_start"] = process_age()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if "first_step_end" not in self._startup:
+            self._startup["first_step_end"] = process_age()
         if self._marks is None:  # the schedule is fixed for the fit: computed once, not every step
             self._marks = throughput_marks(pl_module, trainer.max_steps)
         if trainer.global_step in self._marks:
@@ -300,6 +322,8 @@ class MeshExport(L.Callback):
             timing["pass2_seconds"] = fit_seconds - timing["pass1_seconds"]
         timing.update(steady_throughput(self._step_times, pl_module, trainer.max_steps))
         timing.update(start_up_seconds(self._step_times, self._t0, pl_module, trainer.max_steps))
+        if all(v is not None for v in self._startup.values()):
+            timing["startup_seconds"] = dict(self._startup)  # since the process started
         if peaks is not None:
             timing["peak_gpu_memory_bytes"] = max(peaks)
             timing["peak_gpu_memory_bytes_per_rank"] = peaks
