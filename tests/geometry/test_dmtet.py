@@ -267,3 +267,25 @@ def test_normal_consistency_of_dmtet_surface_smooth_vs_noisy():
         loss.backward()
         opt.step()
     assert loss.item() < 0.3 * noisy.item()
+
+
+def test_sdf_regularizer_reuses_the_extraction_of_the_same_sdf():
+    """After forward() the regularizer takes marching tets' edges (the sign-changing ones) instead of filtering all
+    grid edges: same value and gradient. After an optimiser step (the sdf changed in place) it filters again."""
+    torch.manual_seed(0)
+    geo = DMTetGeometry(tet_grid=12, sdf_init="random")
+    opt = torch.optim.SGD(geo.parameters(), lr=0.3)
+    for _ in range(3):
+        full = sdf_sign_loss(geo.sdf, geo.edges)  # the reference: every grid edge, filtered
+        (g_full,) = torch.autograd.grad(full, geo.sdf)
+        mesh = geo()
+        assert geo._crossing[0].shape[0] == mesh.verts.shape[0] > 0
+        loss = geo.sdf_regularizer()
+        (g,) = torch.autograd.grad(loss, geo.sdf, retain_graph=True)
+        torch.testing.assert_close(loss, full, rtol=1e-5, atol=0)
+        torch.testing.assert_close(g, g_full, rtol=1e-5, atol=1e-12)
+        opt.zero_grad()
+        (mesh.verts.square().sum() + loss).backward()
+        opt.step()
+        assert geo._crossing[1] != geo._sdf_state()  # stale now
+        torch.testing.assert_close(geo.sdf_regularizer(), sdf_sign_loss(geo.sdf, geo.edges))
