@@ -296,6 +296,7 @@ def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
         "git_commit": git_commit(), "config": config_summary(cfg),
         "wall_seconds": e2e.get("wall_seconds"), "mesh_seconds": e2e.get("mesh_seconds"),
         "fit_seconds": fit, "export_seconds": timing.get("export_seconds"),
+        "export_write_seconds": timing.get("export_write_seconds"),
         "iterations_per_second": steps / fit if fit else None,
         "peak_gpu_memory_bytes": timing.get("peak_gpu_memory_bytes"),
         "peak_host_memory_bytes": e2e.get("peak_host_memory_bytes"),
@@ -394,6 +395,9 @@ def result_markdown(r: dict) -> str:
                    f"{startup['data_ready']:.1f} s, fit start (model on the device, optimisers) at "
                    f"{startup['fit_start']:.1f} s, first step from {startup['first_step_start']:.1f} s to "
                    f"{startup['first_step_end']:.1f} s.")
+    if r.get("export_write_seconds") is not None and r.get("export_seconds") is not None:
+        passes += (f" The final export took {r['export_seconds']:.1f} s, {r['export_write_seconds']:.1f} s of it "
+                   "writing the files.")
     caches = r.get("caches")
     if caches:
         plugin = {True: "built", False: "not built", None: "–"}[caches.get("nvdiffrast_plugin")]

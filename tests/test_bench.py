@@ -73,6 +73,7 @@ def fake_result(preset: str, device: str = "cpu") -> dict:
         "steady_iterations_per_second": {"pass1": 40.0, "pass2": 50.0},
         "first_steps": {"pass1_first_steps": 20, "pass1_first_steps_seconds": 12.5, "pass2_first_steps": 20,
                         "pass2_first_steps_seconds": 3.25},
+        "export_write_seconds": 3.5,
         "startup_seconds": {"data_ready": 2.5, "fit_start": 3.25, "first_step_start": 4.0, "first_step_end": 4.75},
         "pass2": {"stages": {name: {"median_ms": 0.5, "p90_ms": 0.7} for name in bench.STAGES},
                   "step_ms": {"median_ms": 4.0, "p90_ms": 5.6}, "triangles": 4000, "texture_res": 256},
@@ -96,6 +97,7 @@ def test_writers_json_markdown_and_summary(tmp_path):
         assert "Steady state 25.0 ms per pass-1 step, 20.0 ms per pass-2 step." in md
         assert "The first 20 steps of pass 1 took 12.5 s" in md and "of pass 2 3.2 s" in md
         assert "data ready (imports, config, scene, frames) at 2.5 s, fit start" in md and "from 4.0 s to 4.8 s" in md
+        assert "The final export took 5.0 s, 3.5 s of it writing the files." in md
         assert "Overrides" not in md
     r = {**fake_result("quick"), "name": "quick-eager", "overrides": ["model.render.compile=off"],
          "stages": {}, "step_ms": {}, "pass2": None, "profile_steps": 0}  # --profile-steps 0: the run alone

@@ -65,6 +65,7 @@ def test_short_fit_writes_all_outputs(tmp_path):
     assert 0 < timing["pass1_first_steps_seconds"] < timing["pass1_seconds"]
     assert 0 < timing["pass2_first_steps_seconds"] and timing["pass1_first_steps_seconds"] + timing[
         "pass2_first_steps_seconds"] < timing["fit_seconds"]
+    assert 0 < timing["export_write_seconds"] <= timing["export_seconds"]
     startup = timing["startup_seconds"]  # since the process started, in the order a fit reaches them
     assert 0 < startup["data_ready"] <= startup["fit_start"] <= startup["first_step_start"] <= startup["first_step_end"]
     assert startup["first_step_end"] < proc_seconds
