@@ -386,9 +386,11 @@ def result_markdown(r: dict) -> str:
                       if first.get("pass2_first_steps_seconds") is not None else "") + ".")
     before = _before_fit_seconds(r)
     if before is not None:
+        caches = r.get("caches") or {}
+        left = caches.get("scene") and caches.get("nvdiffrast_plugin") and caches.get("triton_cache_entries", 0) > 0
         passes += (f" Before the first step {before:.1f} s (imports, data, compiling; "
                    + ("warm start: scene cached, plugin and kernels compiled by an earlier run" if r.get("warm_start")
-                      else "cold start") + ").")
+                      else "warm caches left by earlier runs on this machine" if left else "cold start") + ").")
     startup = r.get("startup_seconds")
     if startup:
         passes += (" Since the training process started: data ready (imports, config, scene, frames) at "

@@ -72,7 +72,7 @@ COMPILED_PIXEL_SAVING = 162         # model.render.compile=auto/on on CUDA (Indu
 #                                     (the same fit compiled: 5.41 GiB peak, 464 B/px)
 FUSED_KERNELS_PIXEL_SAVING = 177   # model.render.fused_shading with model.loss.fused_kernel on CUDA (the shading and
 #                                     the image losses as Triton kernels keep no intermediates for backward), in both
-#                                     passes: nerf800-cuda-nvidia-h200.json (5.34 GiB peak) against
+#                                     passes: nerf800-a937619-cuda-nvidia-h200.json (5.34 GiB peak) against
 #                                     nerf800-7e014e0-cuda-nvidia-h200.json (the same fit with both off: 6.18 GiB)
 PASS2_PIXEL_BYTES = 460             # pass 2 (texture lookups, no hash grid), shading eager, is not measured apart:
 #                                     the whole run's peak (nerf800-7e014e0-cuda-nvidia-h200.json, 6.18 GiB) bounds pass 2's

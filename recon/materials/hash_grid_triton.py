@@ -73,7 +73,8 @@ def _red_add_v2(ptr, a, b, valid):
     """*ptr += a and *(ptr + 1) += b (float32, 8-byte aligned) as one vector reduction where valid."""
     tl.inline_asm_elementwise(
         asm="{ .reg .pred p; setp.ne.b32 p, $4, 0; @p red.global.v2.f32.add [$1], {$2, $3}; mov.u32 $0, 0; }",
-        constraints="=r,l,f,f,r", args=[ptr, a, b, valid.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+        constraints="=r,l,f,f,r", args=[ptr.to(tl.int64), a, b, valid.to(tl.int32)], dtype=tl.int32, is_pure=False,
+        pack=1)
 
 
 @triton.jit
