@@ -66,7 +66,6 @@ class HashGridConfig:
     base_resolution: int = 16
     max_resolution: int = 4096
     triton_layout: Optional[str] = None   # Triton kernel launch layout: levels | points | FORWARD/BACKWARD; null: levels
-    vector_atomics: Optional[bool] = None  # Triton backward: vector reductions into the table gradient (sm_90+)
 
 
 @dataclass

@@ -192,8 +192,6 @@ class HashGridEncoding(nn.Module):
     torch otherwise.
     triton_layout: the Triton kernel's launch layouts, "levels", "points" or "FORWARD/BACKWARD"
     (`hash_grid_triton`'s docstring); None: that module's LAUNCH_LAYOUT (levels).
-    vector_atomics: the Triton backward adds a row's two table-gradient features with one vector reduction (sm_90
-    and newer, float32, 2 features per level); None: that module's VECTOR_ATOMICS.
     """
 
     def __init__(
@@ -207,11 +205,9 @@ class HashGridEncoding(nn.Module):
         backend: str = "auto",
         grad_scale: float = 1.0,
         triton_layout: str | None = None,
-        vector_atomics: bool | None = None,
     ):
         super().__init__()
         self.triton_layout = None if triton_layout is None else triton_layouts(triton_layout)
-        self.vector_atomics = None if vector_atomics is None else bool(vector_atomics)
         if backend not in BACKENDS:
             raise ValueError(f"HashGridEncoding backend={backend!r} is not one of {BACKENDS}.")
         if backend == "tcnn" and not tcnn_available():
@@ -447,7 +443,6 @@ class HashGridEncoding(nn.Module):
         return _import_triton_backend().hash_grid_encode(
             x, table, self.level_scale, self.level_multiplier, self.level_size, self.level_offset,
             self.n_dense_levels, self.n_features_per_level, grad_scale, launch_layout=self.triton_layout,
-            vector_atomics=self.vector_atomics,
         )
 
 

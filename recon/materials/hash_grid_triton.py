@@ -54,28 +54,6 @@ BLOCK_POINTS = 128
 NUM_WARPS = 4
 BLOCK_INTERPRETER = 1024
 
-# Table-gradient adds of the two features of a row as one vector reduction (`red.global.v2.f32.add`, sm_90 and
-# newer) instead of two scalar atomics; read at every call. Applies to float32 tables of 2 features per level on
-# compiled kernels (the interpreter cannot run PTX): the sums are the same up to the order of the adds.
-VECTOR_ATOMICS = False
-
-
-def vector_atomics_apply(table: Tensor, n_features: int, wanted: bool | None = None) -> bool:
-    """Whether the backward pass adds table gradients with vector reductions: ``wanted`` (None: VECTOR_ATOMICS)
-    where they run."""
-    wanted = VECTOR_ATOMICS if wanted is None else wanted
-    return (wanted and n_features == 2 and table.dtype == torch.float32 and table.is_cuda
-            and not interpreting() and torch.cuda.get_device_capability(table.device) >= (9, 0))
-
-
-@triton.jit
-def _red_add_v2(ptr, a, b, valid):
-    """*ptr += a and *(ptr + 1) += b (float32, 8-byte aligned) as one vector reduction where valid."""
-    tl.inline_asm_elementwise(
-        asm="{ .reg .pred p; setp.ne.b32 p, $4, 0; @p red.global.v2.f32.add [$1], {$2, $3}; mov.u32 $0, 0; }",
-        constraints="=r,l,f,f,r", args=[ptr.to(tl.int64), a, b, valid.to(tl.int32)], dtype=tl.int32, is_pure=False,
-        pack=1)
-
 
 @triton.jit
 def _load_clamped(ptr, valid, table_ptr):
@@ -115,7 +93,6 @@ def _level(
     FORWARD: tl.constexpr,
     TABLE_GRAD: tl.constexpr,
     INPUT_GRAD: tl.constexpr,
-    VEC2: tl.constexpr,  # backward, F == 2: the two features as [BLOCK] vectors, table gradient by `_red_add_v2`
 ):
     """One level of BLOCK points. Forward: stores the level's [BLOCK, F] slice of the output.
     Backward: adds the table gradient atomically and returns this level's d out / d x (dimensions
@@ -139,12 +116,6 @@ def _level(
     dx2 = tl.zeros([BLOCK], dtype=dtype)
     if FORWARD:
         acc = tl.zeros([BLOCK, F_PAD], dtype=dtype)
-    elif VEC2:
-        g_row = grad_out_ptr + n64 * (L * F) + level * F
-        g0 = tl.load(g_row, mask=valid, other=0.0).to(dtype)
-        g1 = tl.load(g_row + 1, mask=valid, other=0.0).to(dtype)
-        g_table0 = g0 * grad_scale
-        g_table1 = g1 * grad_scale
     else:
         g = tl.load(grad_out_ptr + n64[:, None] * (L * F) + level * F + feat[None, :], mask=valid_f, other=0.0)
         g = g.to(dtype)
@@ -191,20 +162,11 @@ def _level(
             values = tl.load(table_ptr + element, mask=valid_f, other=0.0)
             acc += values * weight[:, None]
         else:
-            if VEC2:
-                first = (first_row + row.to(tl.int64)) * 2  # the row's first element
-                if TABLE_GRAD:
-                    _red_add_v2(grad_table_ptr + first, g_table0 * weight, g_table1 * weight, valid)
-                if INPUT_GRAD:
-                    dot = (tl.load(table_ptr + first, mask=valid, other=0.0) * g0
-                           + tl.load(table_ptr + first + 1, mask=valid, other=0.0) * g1)
-            else:
-                if TABLE_GRAD:
-                    tl.atomic_add(grad_table_ptr + element, g_table * weight[:, None], mask=valid_f, sem="relaxed")
-                if INPUT_GRAD:
-                    values = tl.load(table_ptr + element, mask=valid_f, other=0.0)
-                    dot = tl.sum(values * g, axis=1)  # d loss / d weight of this corner
+            if TABLE_GRAD:
+                tl.atomic_add(grad_table_ptr + element, g_table * weight[:, None], mask=valid_f, sem="relaxed")
             if INPUT_GRAD:
+                values = tl.load(table_ptr + element, mask=valid_f, other=0.0)
+                dot = tl.sum(values * g, axis=1)  # d loss / d weight of this corner
                 # d weight / d frac_d = +-(product of the other dimensions' weights).
                 if D == 1:
                     d0 = dot
@@ -262,7 +224,6 @@ def _hash_grid_kernel(
     TABLE_GRAD: tl.constexpr,
     INPUT_GRAD: tl.constexpr,  # backward only
     ALL_LEVELS: tl.constexpr,  # `points` layout: grid [ceil(N / BLOCK)], else `levels`: [ceil(N / BLOCK), L]
-    VEC2: tl.constexpr,  # backward with F == 2: vector reductions into the table gradient (VECTOR_ATOMICS)
 ):
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = n < n_points
@@ -286,7 +247,7 @@ def _hash_grid_kernel(
             dx0, dx1, dx2 = _level(
                 level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
                 scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale,
-                D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD, VEC2,
+                D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD,
             )
             if INPUT_GRAD:
                 gx0 += dx0
@@ -305,7 +266,7 @@ def _hash_grid_kernel(
         dx0, dx1, dx2 = _level(
             level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
             scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale,
-            D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD, VEC2,
+            D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD,
         )
         if INPUT_GRAD:
             # The L levels of a point meet in the atomic sum.
@@ -333,7 +294,6 @@ def _launch(
     grad_x: Tensor | None = None,
     grad_scale: float = 1.0,
     launch_layout: str | None = None,
-    vector_atomics: bool | None = None,
 ) -> None:
     """One kernel launch: the forward pass when `out` is given, else the backward pass.
 
@@ -367,7 +327,6 @@ def _launch(
     meta = dict(
         D=n_dims, F=n_features, F_PAD=triton.next_power_of_2(n_features), L=n_levels, BLOCK=block,
         FORWARD=forward, TABLE_GRAD=grad_table is not None, INPUT_GRAD=grad_x is not None, ALL_LEVELS=all_levels,
-        VEC2=not forward and vector_atomics_apply(table, n_features, vector_atomics),
     )
     if interpret:
         _hash_grid_kernel[grid](*args, **meta)
@@ -383,7 +342,7 @@ class _HashGridFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, table: Tensor, layout: tuple, n_features: int, grad_scale: float,
-                launch_layout: tuple[str, str] | None, vector_atomics: bool | None) -> Tensor:
+                launch_layout: tuple[str, str] | None) -> Tensor:
         n_levels = layout[0].shape[0]
         out = torch.empty(x.shape[0], n_levels * n_features, dtype=table.dtype, device=x.device)
         if x.shape[0] > 0:
@@ -391,12 +350,11 @@ class _HashGridFunction(torch.autograd.Function):
         ctx.save_for_backward(x, table, *layout[:4])
         ctx.n_dense, ctx.n_features, ctx.grad_scale = layout[4], n_features, grad_scale
         ctx.launch_layout = LAUNCH_LAYOUT["backward"] if launch_layout is None else launch_layout[1]
-        ctx.vector_atomics = vector_atomics
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None]:
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         x, table, *buffers = ctx.saved_tensors
         layout = (*buffers, ctx.n_dense)
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -410,11 +368,10 @@ class _HashGridFunction(torch.autograd.Function):
             _launch(
                 x, table, layout, ctx.n_features, grad_out=grad_out.to(table.dtype).contiguous(),
                 grad_table=grad_table, grad_x=grad_x, grad_scale=ctx.grad_scale, launch_layout=launch_layout,
-                vector_atomics=ctx.vector_atomics,
             )
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_table, None, None, None, None, None
+        return grad_x, grad_table, None, None, None, None
 
 
 def hash_grid_encode(
@@ -428,7 +385,6 @@ def hash_grid_encode(
     n_features: int,
     grad_scale: float = 1.0,
     launch_layout: tuple[str, str] | None = None,
-    vector_atomics: bool | None = None,
 ) -> Tensor:
     """Multi-resolution hash encoding by the Triton kernels, differentiable w.r.t. table and x.
 
@@ -437,8 +393,7 @@ def hash_grid_encode(
     level_scale [L] float32, level_multiplier [L, D] int64, level_size / level_offset [L] int64:
     `HashGridEncoding`'s buffers; levels below n_dense_levels are dense.
     grad_scale multiplies the table's gradient (not x's). launch_layout: (forward, backward) layouts
-    (None: LAUNCH_LAYOUT's, read when each pass runs). vector_atomics: see VECTOR_ATOMICS (None: that setting,
-    read when the backward pass runs). Returns [N, L * n_features] in the table's
+    (None: LAUNCH_LAYOUT's, read when each pass runs). Returns [N, L * n_features] in the table's
     dtype, level-major.
     """
     n_dims = x.shape[1]
@@ -457,4 +412,4 @@ def hash_grid_encode(
     if launch_layout is not None and not set(launch_layout) <= set(LAUNCH_LAYOUTS):
         raise ValueError(f"Unknown hash-grid launch layouts {launch_layout}; use two of {LAUNCH_LAYOUTS}.")
     return _HashGridFunction.apply(x, table.contiguous(), layout, int(n_features), float(grad_scale),
-                                   None if launch_layout is None else tuple(launch_layout), vector_atomics)
+                                   None if launch_layout is None else tuple(launch_layout))

@@ -57,18 +57,14 @@ def device(request) -> torch.device:
     return torch.device("cuda")
 
 
-@pytest.fixture(params=["levels", "points", "levels+vector"])
+@pytest.fixture(params=["levels", "points"])
 def launch(request, monkeypatch) -> str:
     """The kernel's launch layout for both passes (hash_grid_triton.LAUNCH_LAYOUT), for this test (after `device`,
-    which skips first where triton cannot run the case); "+vector": with VECTOR_ATOMICS (compiled kernels only)."""
+    which skips first where triton cannot run the case)."""
     from recon.materials import hash_grid_triton
 
-    layout, _, vector = request.param.partition("+")
-    if vector and triton_interprets():
-        pytest.skip("vector reductions are PTX: compiled kernels only")
-    monkeypatch.setattr(hash_grid_triton, "VECTOR_ATOMICS", bool(vector))
     for phase in ("forward", "backward"):
-        monkeypatch.setitem(hash_grid_triton.LAUNCH_LAYOUT, phase, layout)
+        monkeypatch.setitem(hash_grid_triton.LAUNCH_LAYOUT, phase, request.param)
     return request.param
 
 
@@ -410,23 +406,3 @@ def test_benchmark_times_launch_layouts(device, tmp_path, capsys):
     assert "| triton levels/levels |" in printed and "| triton points/levels |" in printed
     with pytest.raises(SystemExit):
         bench.parse_args(["--triton-layouts", "levels/tiles"])
-
-
-@needs_triton
-def test_vector_atomics_setting_reaches_the_kernel_choice(monkeypatch):
-    """model.material.encoding.vector_atomics overrides VECTOR_ATOMICS; the vector reductions are chosen only for
-    float32 two-feature tables of compiled kernels on sm_90 and newer (elsewhere the scalar atomics run)."""
-    from recon.materials import hash_grid_triton
-
-    assert HashGridEncoding(vector_atomics=True, **SMALL).vector_atomics is True
-    assert HashGridEncoding(**SMALL).vector_atomics is None
-    cpu = torch.zeros(8)
-    monkeypatch.setattr(hash_grid_triton, "VECTOR_ATOMICS", True)
-    assert not hash_grid_triton.vector_atomics_apply(cpu, 2)  # CPU tensors: no PTX
-    if torch.cuda.is_available() and not triton_interprets():
-        gpu = cpu.cuda()
-        hopper = torch.cuda.get_device_capability() >= (9, 0)
-        assert hash_grid_triton.vector_atomics_apply(gpu, 2) == hopper
-        assert not hash_grid_triton.vector_atomics_apply(gpu, 2, wanted=False)
-        assert not hash_grid_triton.vector_atomics_apply(gpu, 4) and not hash_grid_triton.vector_atomics_apply(
-            gpu.double(), 2)
