@@ -43,10 +43,31 @@ def _kernel_table(prof, steps: int, top: int) -> tuple[list[dict], float]:
 _FRAME = re.compile(r"(?:^|/)((?:recon|bench)/[^()]*\.py)\((\d+)\): (\S+)")
 
 
+class StageScopes:
+    """Stands in for `bench/run.py`'s StageTimer in a profiled step: each ``mark()`` ends the current stage's
+    ``record_function`` range and opens the next one's (``stage:light``, ``stage:mesh``, ... in STAGES order), so
+    that ops without a Python stack in the profile (torch 2.11 on CUDA records none) still show their stage."""
+
+    def __init__(self):
+        self._count = 0
+        self._scope = None
+
+    def mark(self) -> None:
+        if self._scope is not None:
+            self._scope.__exit__(None, None, None)
+            self._scope = None
+        k = self._count % (len(bench.STAGES) + 1)  # a step marks its start and the end of each stage
+        if k < len(bench.STAGES):
+            self._scope = torch.profiler.record_function(f"stage:{bench.STAGES[k]}")
+            self._scope.__enter__()
+        self._count += 1
+
+
 def launch_site(evt) -> str:
     """Where a profiled op was called from: ``recon/path.py:LINE function`` for the innermost function of recon's code
     (or bench's) on its recorded stack or among its ancestors (LINE: the calling line on a recorded stack, the
-    function's first line for a function event), ``backward: NODE`` for an op the autograd engine ran, else ``(elsewhere)``."""
+    function's first line for a function event), ``backward: NODE`` for an op the autograd engine ran, ``stage: NAME``
+    for one inside a `StageScopes` range with neither, else ``(elsewhere)``."""
     node = evt
     while node is not None:
         name = node.name
@@ -57,6 +78,8 @@ def launch_site(evt) -> str:
                 return f"{found.group(1)}:{found.group(2)} {found.group(3)}"
         if "Backward" in name and not name.startswith("autograd::"):
             return f"backward: {name}"
+        if name.startswith("stage:"):  # no recon frame below the stage's range
+            return f"stage: {name[6:]}"
         node = node.cpu_parent
     return "(elsewhere)"
 
@@ -86,7 +109,7 @@ def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int
                  by_source: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    timer = bench.StageTimer(device)
+    timer = StageScopes() if by_source else bench.StageTimer(device)
     batches = bench._batches(datamodule, device)
     for _ in range(warmup):
         bench.training_step_stages(system, next(batches), opt, sched, timer)

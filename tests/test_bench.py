@@ -194,3 +194,18 @@ def test_kernel_time_by_launch_site():
         stack = ["torch/nn/functional.py(10): f", "/x/recon/render/shading.py(227): render_pbr", "/x/train.py(3): main"]
 
     assert kernels.launch_site(Op()) == "recon/render/shading.py:227 render_pbr"
+
+    # ops with no recon frame (as torch 2.11 records CUDA profiles: no Python stacks) inside a StageScopes range
+    scopes = kernels.StageScopes()
+    y = torch.randn(300, 300)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        scopes.mark()  # a step's start: light
+        torch.mm(y, y)
+        scopes.mark()  # mesh
+        torch.mm(y, y).sum()
+        for _ in range(len(bench.STAGES) - 1):
+            scopes.mark()  # ... to the end of the last stage
+    rows = kernels.source_table(prof.events(), 1, 50, time_us=lambda evt: evt.self_cpu_time_total)
+    found = {(r["site"], r["op"]) for r in rows}
+    assert ("stage: light", "aten::mm") in found and ("stage: mesh", "aten::mm") in found
+    assert ("stage: mesh", "aten::sum") in found and not any(r["site"] == "(elsewhere)" for r in rows)
