@@ -198,7 +198,8 @@ def training_step_stages(system, batch: dict, opt, sched, timer: StageTimer) -> 
     system.light.build_mips()                                                     # light
     timer.mark()
     out = system.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]),   # mesh, rasterize, material,
-                        smoothness=system.surface is None, mark=timer.mark)       # shading/antialias
+                        smoothness=system.surface is None, mark=timer.mark,       # shading/antialias
+                        material_images=False)
     bg = background(system.loss_cfg.get("background", "random"), img.shape[:3], img.device)  # loss
     loss = system.losses(out, img, bg)["total"]
     timer.mark()

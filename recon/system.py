@@ -132,11 +132,13 @@ class ReconSystem(L.LightningModule):
         return mesh
 
     def render(self, mvp: Tensor, cam_pos: Tensor, resolution: tuple[int, int], smoothness: bool = False,
-               depth: bool = False, mark=None, generator: torch.Generator | None = None) -> dict:
+               depth: bool = False, mark=None, generator: torch.Generator | None = None,
+               material_images: bool = True) -> dict:
         """Render the current model from cameras mvp [B,4,4] at cam_pos [B,3] (see render_pbr's outputs, plus ``mesh``).
 
         mark: called after the mesh is built and after each rendering stage (for profilers). generator: draws the
-        albedo-smoothness jitter (`step_generator` in training, so a resumed run repeats it)."""
+        albedo-smoothness jitter (`step_generator` in training, so a resumed run repeats it). material_images: False
+        for a training step, whose losses need no material images (render_pbr's)."""
         mesh = self.mesh()
         if mark is not None:
             mark()
@@ -152,7 +154,8 @@ class ReconSystem(L.LightningModule):
                 return self.textures(self.rasterizer, masked_rows(gb["gb_uv"], sel, mask.dim()),
                                      masked_rows(gb["gb_uv_da"], sel, mask.dim()))
         out = render_pbr(self.rasterizer, mesh, mvp, cam_pos, resolution, material, self.light, depth=depth,
-                         perturb=self.perturb_normal, mark=mark, fused=bool(self.render_cfg.get("fused_shading", True)))
+                         perturb=self.perturb_normal, mark=mark, fused=bool(self.render_cfg.get("fused_shading", True)),
+                         material_images=material_images)
         out["mesh"] = mesh
         return out
 
@@ -198,9 +201,12 @@ class ReconSystem(L.LightningModule):
         # image means from the covered pixels' values where the render gives them (zero elsewhere): no full-image
         # gradient buffers
         covered, n_pix = out.get("covered"), out["alpha"][..., 0].numel()
-        if "kd_grad" in out:
-            kd_smooth = out["kd_grad"].mean() if covered is None else covered["kd_grad"].sum() / n_pix
-            terms["kd_smooth"], weights["kd_smooth"] = kd_smooth, c.get("kd_smooth_weight", 0.03) * ramp
+        if covered is not None and "kd_grad" in covered:
+            terms["kd_smooth"] = covered["kd_grad"].sum() / n_pix
+        elif "kd_grad" in out:
+            terms["kd_smooth"] = out["kd_grad"].mean()
+        if "kd_smooth" in terms:
+            weights["kd_smooth"] = c.get("kd_smooth_weight", 0.03) * ramp
         if covered is None:
             terms["occlusion"] = (out["ks"][..., 0:1] * out["alpha"].detach()).mean()
         else:
@@ -230,7 +236,7 @@ class ReconSystem(L.LightningModule):
         want_depth = "depth" in batch and self.loss_cfg.get("depth_weight", 0.0) > 0
         pass1 = self.surface is None  # the albedo-smoothness jitter (pass 1) is the step's only random draw here
         out = self.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=pass1, depth=want_depth,
-                          generator=self.step_generator() if pass1 else None)
+                          generator=self.step_generator() if pass1 else None, material_images=False)
         kind = self.loss_cfg.get("background", "random")  # random: per-view noise, the same on any number of ranks
         bg = (view_noise(batch.get("views", batch["index"]), self.global_step, *img.shape[1:3], seed=run_seed(), device=img.device)
               if kind == "random" else background(kind, img.shape[:3], img.device))

@@ -25,21 +25,25 @@ def test_covered_means_equal_image_means(tmp_path, monkeypatch, fraction):
     img = batch["img"]
     bg = torch.rand(img.shape[:3] + (3,), generator=torch.Generator().manual_seed(0))
     results = []
-    for use_covered in (True, False):
-        torch.manual_seed(0)  # the same jitter both times
-        out = system.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=True)
+    # as a training step renders (no material images), with the covered values beside the images, from images alone
+    for variant in ("training", "covered", "images"):
+        torch.manual_seed(0)  # the same jitter each time
+        out = system.render(batch["mvp"], batch["cam_pos"], tuple(img.shape[1:3]), smoothness=True,
+                            material_images=variant != "training")
         assert "covered" in out and out["covered"]["kd_grad"].shape[0] == out["covered_index"].shape[0]
-        if not use_covered:
+        assert ("kd" in out and "kd_grad" in out) == (variant != "training")
+        if variant == "images":
             del out["covered"]
         terms = system.losses(out, img, bg)
         system.zero_grad(set_to_none=True)
         (terms["kd_smooth"] + 10 * terms["occlusion"]).backward()
         grads = [p.grad.clone() for p in system.material.parameters() if p.grad is not None]
         results.append(({k: float(v) for k, v in terms.items()}, grads))
-    (terms_a, grads_a), (terms_b, grads_b) = results
-    assert terms_a["kd_smooth"] > 0 and terms_a["occlusion"] > 0
-    for k in ("kd_smooth", "occlusion", "total"):
-        assert terms_a[k] == pytest.approx(terms_b[k], rel=1e-5), k
-    assert len(grads_a) == len(grads_b) > 0
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    terms_b, grads_b = results[-1]  # the means over the images
+    for terms_a, grads_a in results[:2]:
+        assert terms_a["kd_smooth"] > 0 and terms_a["occlusion"] > 0
+        for k in ("kd_smooth", "occlusion", "total"):
+            assert terms_a[k] == pytest.approx(terms_b[k], rel=1e-5), k
+        assert len(grads_a) == len(grads_b) > 0
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)

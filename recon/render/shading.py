@@ -169,6 +169,7 @@ def render_pbr(
     perturb: bool = True,
     mark: Callable[[], None] | None = None,
     fused: bool = False,
+    material_images: bool = True,
 ) -> dict:
     """Split-sum PBR render of ``mesh`` under an `EnvironmentLight` (its mips built).
 
@@ -184,6 +185,8 @@ def render_pbr(
     mark: called after each stage (G-buffers, material, shading and antialiasing), for profilers.
     fused: the per-pixel shading arithmetic as Triton kernels (`recon.render.shading_triton`) where they run (float32
     CUDA tensors; Triton's interpreter in tests), with the same values and gradients.
+    material_images: False leaves out the ``kd``/``ks``/``normal``/``kd_grad`` images (a training step's losses take
+    ``covered`` instead), which saves their scatters.
     """
     from recon.geometry.mesh import face_normals
 
@@ -229,10 +232,12 @@ def render_pbr(
 
     # one image per quantity: slices of a joint image would each take a full-image zero fill and copy in backward
     gb["rgb"], gb["alpha"] = with_coverage(rasterizer, image(color), gb, mesh.faces, antialias)
-    gb["kd"], gb["ks"], gb["normal"] = image(mat["kd"]), image(mat["ks"]), image(n_shade)
+    if material_images:
+        gb["kd"], gb["ks"], gb["normal"] = image(mat["kd"]), image(mat["ks"]), image(n_shade)
     gb["covered"] = {"ks": mat["ks"]}
     if "kd_grad" in mat:
-        gb["kd_grad"] = image(mat["kd_grad"])
+        if material_images:
+            gb["kd_grad"] = image(mat["kd_grad"])
         gb["covered"]["kd_grad"] = mat["kd_grad"]
     if depth:
         gb["depth"], _ = rasterizer.interpolate(gb["pos_clip"][..., 3:4].contiguous(), gb["rast"], mesh.faces)
