@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from recon.export.obj import atomic_write_bytes, image_tensor, png_bytes_all, texture_to_srgb8
+from recon.export.obj import atomic_write_bytes, encode_textures, image_tensor, linear_to_8bit, normal_to_8bit, texture_to_srgb8
 from recon.geometry.mesh import Mesh, compute_tangents, tangent_handedness, vertex_normals
 
 # glTF 2.0 enums (spec section 5: accessor.componentType, bufferView.target, sampler filters and wraps).
@@ -50,11 +51,6 @@ def gltf_tangents(pos: Tensor, faces: Tensor, uv: Tensor, normals: Tensor) -> Te
     return torch.cat([tangents, w], dim=-1)
 
 
-def _linear8(image: Tensor) -> np.ndarray:
-    """[H,W,3] values in [0,1] -> uint8, no transfer curve (glTF stores ORM and normal maps linearly)."""
-    return (image.detach().float().clamp(0, 1) * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
-
-
 def _image(image: Tensor, name: str) -> Tensor:
     if image.dim() == 4 and image.shape[0] == 1:
         image = image[0]
@@ -85,6 +81,7 @@ def glb_bytes(
     kd_linear: Tensor,
     orm_linear: Tensor | None = None,
     normal_ts: Tensor | None = None,
+    pngs: Mapping[str, bytes] | None = None,
 ) -> bytes:
     """The bytes of a .glb file: see :func:`write_glb`."""
     if mesh.uv is None:
@@ -120,15 +117,14 @@ def glb_bytes(
                           "count": len(tan), "type": "VEC4"})
         attributes["TANGENT"] = len(accessors) - 1
 
-    pixels = {"kd": texture_to_srgb8(_image(kd_linear, "kd_linear"))}
-    if orm_linear is not None:
-        pixels["orm"] = _linear8(_image(orm_linear, "orm_linear"))
-    if normal_ts is not None:
-        pixels["normal"] = _linear8(_image(normal_ts, "normal_ts") * 0.5 + 0.5)
-    # texture i uses image i, in the order above; the PNGs are encoded together, in threads
+    names = ["kd"] + (["orm"] if orm_linear is not None else []) + (["normal"] if normal_ts is not None else [])
+    pixels = {"kd": lambda: texture_to_srgb8(_image(kd_linear, "kd_linear")),
+              "orm": lambda: linear_to_8bit(_image(orm_linear, "orm_linear")),
+              "normal": lambda: normal_to_8bit(_image(normal_ts, "normal_ts"))}
+    # texture i uses image i, in the order of names; the PNGs are encoded together, in threads
     images = [{"bufferView": bin_.add(data), "mimeType": "image/png", "name": name}
-              for name, data in zip(pixels, png_bytes_all(list(pixels.values())))]
-    index = {name: i for i, name in enumerate(pixels)}
+              for name, data in zip(names, encode_textures(names, lambda name: pixels[name](), pngs))]
+    index = {name: i for i, name in enumerate(names)}
 
     pbr: dict = {"baseColorTexture": {"index": index["kd"]}}
     material: dict = {"name": "recon_material", "pbrMetallicRoughness": pbr}
@@ -176,6 +172,7 @@ def write_glb(
     kd_linear: Tensor,
     orm_linear: Tensor | None = None,
     normal_ts: Tensor | None = None,
+    pngs: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write ``mesh`` as a glTF 2.0 binary: one mesh, one primitive, one PBR metallic-roughness material.
 
@@ -186,10 +183,11 @@ def write_glb(
     metallicRoughnessTexture and occlusionTexture. Without it the material is dielectric (metallicFactor 0).
     normal_ts: [H,W,3] tangent-space unit normals in [-1,1], stored as (n + 1) / 2 (normalTexture): x along
     increasing u, y up the image (decreasing v), z out of the surface; TANGENT is then written (see gltf_tangents).
-    The file is written atomically. Returns ``path``.
+    pngs: PNG bytes already encoded for "kd", "orm" or "normal" (`recon.export.obj.encode_textures`), used instead
+    of encoding them. The file is written atomically. Returns ``path``.
     """
     path = Path(path)
-    atomic_write_bytes(path, glb_bytes(mesh, kd_linear, orm_linear, normal_ts))
+    atomic_write_bytes(path, glb_bytes(mesh, kd_linear, orm_linear, normal_ts, pngs))
     return path
 
 

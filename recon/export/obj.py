@@ -5,7 +5,7 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,6 +72,16 @@ def png_bytes_all(images: list[np.ndarray]) -> list[bytes]:
     return thread_map(png_bytes, images)
 
 
+def encode_textures(names: list[str], pixels: Callable[[str], np.ndarray],
+                    pngs: Mapping[str, bytes] | None = None) -> list[bytes]:
+    """PNG bytes of the textures ``names``, in order: from ``pngs`` where it has them (encoded once for several
+    files), else ``pixels(name)`` encoded, in threads."""
+    pngs = pngs or {}
+    todo = [name for name in names if name not in pngs]
+    fresh = dict(zip(todo, png_bytes_all([pixels(name) for name in todo])))
+    return [pngs[name] if name in pngs else fresh[name] for name in names]
+
+
 def texture_to_srgb8(texture_linear: Tensor) -> np.ndarray:
     """[H,W,3] linear RGB -> uint8 sRGB."""
     return (linear_to_srgb(texture_linear.clamp(0, 1)) * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
@@ -114,6 +124,11 @@ def linear_to_8bit(image: Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1) * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
+def normal_to_8bit(normal_ts: Tensor) -> np.ndarray:
+    """[H,W,3] tangent-space normals in [-1,1] -> uint8 (n + 1) / 2, as OBJ and glTF normal maps store them."""
+    return linear_to_8bit(normal_ts * 0.5 + 0.5)
+
+
 def write_textured_obj(
     out_dir: str | Path,
     mesh: Mesh,
@@ -121,26 +136,30 @@ def write_textured_obj(
     name: str = "mesh",
     ks: Tensor | None = None,
     normal_ts: Tensor | None = None,
+    pngs: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write ``{name}.obj`` + ``{name}.mtl`` + ``texture_kd.png`` (sRGB) into ``out_dir``.
 
     ks: [H,W,3] (occlusion, roughness, metallic) -> ``texture_ks.png`` (linear, ``map_Ks``, nvdiffrec's layout).
     normal_ts: [H,W,3] tangent-space normals in [-1,1] -> ``texture_n.png`` stored as (n + 1) / 2 (``bump`` and
     ``norm``; x along increasing u, y up the image, z out of the surface).
+    pngs: PNG bytes already encoded for "kd", "ks" or "normal" (`encode_textures`), used instead of encoding them.
     Each file is written atomically, and the OBJ last: an existing ``{name}.obj`` always refers to a
     complete MTL and textures. Returns the OBJ path.
     """
     out_dir = Path(out_dir)
-    textures = {"texture_kd.png": texture_to_srgb8(kd_linear)}
+    files = {"kd": "texture_kd.png"}
     mtl = "# recon material\nnewmtl recon_material\nillum 2\nKa 0 0 0\nKd 1 1 1\nKs 1 1 1\nmap_Kd texture_kd.png\n"
     if ks is not None:
-        textures["texture_ks.png"] = linear_to_8bit(ks)
+        files["ks"] = "texture_ks.png"
         mtl += "map_Ks texture_ks.png\n"
     if normal_ts is not None:
-        textures["texture_n.png"] = linear_to_8bit(normal_ts * 0.5 + 0.5)
+        files["normal"] = "texture_n.png"
         mtl += "bump texture_n.png\nnorm texture_n.png\n"
-    for file, data in zip(textures, png_bytes_all(list(textures.values()))):
-        atomic_write_bytes(out_dir / file, data)
+    pixels = {"kd": lambda: texture_to_srgb8(kd_linear), "ks": lambda: linear_to_8bit(ks),
+              "normal": lambda: normal_to_8bit(normal_ts)}
+    for texture, data in zip(files, encode_textures(list(files), lambda texture: pixels[texture](), pngs)):
+        atomic_write_bytes(out_dir / files[texture], data)
     atomic_write_bytes(out_dir / f"{name}.mtl", mtl.encode())
     obj_path = out_dir / f"{name}.obj"
     atomic_write_bytes(obj_path, obj_text(mesh, f"{name}.mtl").encode())

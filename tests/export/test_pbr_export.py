@@ -87,3 +87,27 @@ def test_export_back_in_input_coordinates(tmp_path, result):
     np.testing.assert_allclose(got, np.unique(np.round(expected, 5), axis=0), atol=2e-5)
     glb = trimesh.load(tmp_path / "mesh.glb", force="mesh", process=False)
     np.testing.assert_allclose(glb.bounds, trimesh.Trimesh(expected, mesh.faces.numpy()).bounds, atol=1e-5)
+
+
+def test_shared_maps_encoded_once_and_the_same_as_each_writer_alone(tmp_path, result, monkeypatch):
+    """write_result encodes the albedo and normal maps once for both files (4 PNGs: kd, ks, orm, normal, not 6),
+    and its files are byte for byte what the OBJ and GLB writers write on their own."""
+    import recon.export.obj as obj_mod
+    from recon.export.gltf import write_glb
+    from recon.export.obj import write_textured_obj
+    from recon.materials.pbr import split_channels
+
+    mesh, tex, light = result
+    encoded = []
+    png_bytes = obj_mod.png_bytes
+    monkeypatch.setattr(obj_mod, "png_bytes", lambda image: encoded.append(image.shape) or png_bytes(image))
+    write_result(tmp_path / "together", mesh, tex, light)
+    assert len(encoded) == 4
+    ch = split_channels(tex)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    write_textured_obj(alone, mesh, ch["kd"], ks=ch["ks"], normal_ts=ch["nrm"])
+    orm = torch.cat([1 - ch["ks"][..., 0:1], ch["ks"][..., 1:3]], -1)
+    write_glb(alone / "mesh.glb", mesh, ch["kd"], orm, ch["nrm"])
+    for name in ("mesh.obj", "mesh.mtl", "texture_kd.png", "texture_ks.png", "texture_n.png", "mesh.glb"):
+        assert (tmp_path / "together" / name).read_bytes() == (alone / name).read_bytes(), name
