@@ -198,20 +198,14 @@ class ReconSystem(L.LightningModule):
             t = min(1.0, self.pass_step / max(1, self.pass2_steps))
             terms["laplace"] = self.surface.laplacian_regularizer()
             weights["laplace"] = c.get("laplace_scale", 3000.0) * (1 - t)
-        # image means from the covered pixels' values where the render gives them (zero elsewhere): no full-image
+        # means over the images, from the covered pixels' values (the images are zero elsewhere): no full-image
         # gradient buffers
-        covered, n_pix = out.get("covered"), out["alpha"][..., 0].numel()
-        if covered is not None and "kd_grad" in covered:
+        covered, n_pix = out["covered"], out["alpha"][..., 0].numel()
+        if "kd_grad" in covered:
             terms["kd_smooth"] = covered["kd_grad"].sum() / n_pix
-        elif "kd_grad" in out:
-            terms["kd_smooth"] = out["kd_grad"].mean()
-        if "kd_smooth" in terms:
             weights["kd_smooth"] = c.get("kd_smooth_weight", 0.03) * ramp
-        if covered is None:
-            terms["occlusion"] = (out["ks"][..., 0:1] * out["alpha"].detach()).mean()
-        else:
-            alpha = masked_rows(out["alpha"].detach(), out["covered_index"], 3)
-            terms["occlusion"] = (covered["ks"][..., 0:1] * alpha).sum() / n_pix
+        alpha = masked_rows(out["alpha"].detach(), out["covered_index"], 3)
+        terms["occlusion"] = (covered["ks"][..., 0:1] * alpha).sum() / n_pix
         weights["occlusion"] = c.get("occlusion_weight", 0.001) * ramp
         if self.light.trainable:
             terms["light_white"], weights["light_white"] = self.light.regularizer(), c.get("light_white_weight", 0.005)
