@@ -105,6 +105,20 @@ def source_table(events, steps: int, top: int, time_us=None) -> list[dict]:
     return rows[:top]
 
 
+def stage_table(averages, steps: int) -> list[dict]:
+    """Host time of each `StageScopes` range (inclusive: Python, dispatch, launches and any wait for the GPU) and the
+    GPU time of the kernels launched inside it from the main thread (the backward engine's own thread is not)."""
+    rows = []
+    for evt in averages:
+        if evt.key.startswith("stage:"):
+            gpu_us = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0))
+            rows.append({"stage": evt.key[6:], "host_ms_per_step": evt.cpu_time_total / 1e3 / steps,
+                         "gpu_ms_per_step": gpu_us / 1e3 / steps})
+    order = {name: i for i, name in enumerate(bench.STAGES)}
+    rows.sort(key=lambda r: order.get(r["stage"], len(order)))
+    return rows
+
+
 def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int, top: int,
                  by_source: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -130,6 +144,7 @@ def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int
               "kernels": kernels, "host_ops": host_ops}
     if by_source:
         result["sources"] = source_table(prof.events(), steps, top)
+        result["stages"] = stage_table(prof.key_averages(), steps)
     return result
 
 
@@ -169,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
         print("  host, self time:")
         for k in r["host_ops"][:12]:
             print(f"  {k['self_ms_per_step']:7.2f} ms  {k['calls_per_step']:6.1f}x  {k['name']}")
+        if "stages" in r:
+            print("  per stage: host ms (inclusive), GPU ms launched from the main thread")
+            for k in r["stages"]:
+                print(f"  {k['host_ms_per_step']:7.2f} {k['gpu_ms_per_step']:7.2f}  {k['stage']}")
         if "sources" in r:
             print("  GPU time by launch site:")
             for k in r["sources"]:

@@ -209,3 +209,7 @@ def test_kernel_time_by_launch_site():
     found = {(r["site"], r["op"]) for r in rows}
     assert ("stage: light", "aten::mm") in found and ("stage: mesh", "aten::mm") in found
     assert ("stage: mesh", "aten::sum") in found and not any(r["site"] == "(elsewhere)" for r in rows)
+    stages = kernels.stage_table(prof.key_averages(), 1)
+    assert [r["stage"] for r in stages] == list(bench.STAGES)[:len(stages)] and len(stages) >= 2
+    host = {r["stage"]: r["host_ms_per_step"] for r in stages}
+    assert host["light"] > 0 and host["mesh"] > 0  # each range holds a 300x300 product
