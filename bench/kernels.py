@@ -105,18 +105,52 @@ def source_table(events, steps: int, top: int, time_us=None) -> list[dict]:
     return rows[:top]
 
 
-def stage_table(averages, steps: int) -> list[dict]:
-    """Host time of each `StageScopes` range (inclusive: Python, dispatch, launches and any wait for the GPU) and the
-    GPU time of the kernels launched inside it from the main thread (the backward engine's own thread is not)."""
-    rows = []
-    for evt in averages:
-        if evt.key.startswith("stage:"):
-            gpu_us = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0))
-            rows.append({"stage": evt.key[6:], "host_ms_per_step": evt.cpu_time_total / 1e3 / steps,
-                         "gpu_ms_per_step": gpu_us / 1e3 / steps})
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def sync_table(events, steps: int) -> list[dict]:
+    """Where the host waited for the GPU: each synchronizing runtime call (a blocking copy included) under the
+    innermost op that made it and the `StageScopes` stage around it, with the host time spent waiting."""
+    sums: dict[tuple[str, str], list[float]] = {}
+    for evt in events:
+        if evt.device_type != torch.autograd.DeviceType.CPU or evt.name not in SYNC_CALLS:
+            continue
+        op, stage, node = None, "(none)", evt.cpu_parent
+        while node is not None:
+            if node.name.startswith("stage:"):
+                stage = node.name[6:]
+                break
+            if op is None and not node.name.startswith("cuda"):
+                op = node.name[:60]
+            node = node.cpu_parent
+        entry = sums.setdefault((stage, f"{op or '(direct)'} -> {evt.name}"), [0.0, 0])
+        entry[0] += evt.cpu_time_total
+        entry[1] += 1
+    rows = [{"stage": stage, "call": call, "wait_ms_per_step": t / 1e3 / steps, "calls_per_step": n / steps}
+            for (stage, call), (t, n) in sums.items()]
     order = {name: i for i, name in enumerate(bench.STAGES)}
-    rows.sort(key=lambda r: order.get(r["stage"], len(order)))
+    rows.sort(key=lambda r: (order.get(r["stage"], len(order)), -r["wait_ms_per_step"]))
     return rows
+
+
+def stage_table(averages, steps: int) -> list[dict]:
+    """Per `StageScopes` range: its host time (inclusive: Python, dispatch, launches and any wait for the GPU), the
+    GPU time of the kernels launched inside it from the main thread (the backward engine's own thread is not) and,
+    where the profiler records the range on the GPU too, the GPU span from its first kernel's start to its last
+    kernel's end (idle gaps included)."""
+    rows: dict[str, dict] = {}
+    for evt in averages:
+        if not evt.key.startswith("stage:"):
+            continue
+        row = rows.setdefault(evt.key[6:], {"stage": evt.key[6:], "host_ms_per_step": 0.0, "gpu_ms_per_step": 0.0,
+                                            "gpu_span_ms_per_step": None})
+        if evt.device_type == torch.autograd.DeviceType.CPU:
+            row["host_ms_per_step"] = evt.cpu_time_total / 1e3 / steps
+            row["gpu_ms_per_step"] = getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0.0)) / 1e3 / steps
+        else:  # the range as recorded on the GPU's timeline
+            row["gpu_span_ms_per_step"] = getattr(evt, "device_time_total", 0.0) / 1e3 / steps
+    order = {name: i for i, name in enumerate(bench.STAGES)}
+    return sorted(rows.values(), key=lambda r: order.get(r["stage"], len(order)))
 
 
 def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int, top: int,
@@ -145,6 +179,7 @@ def profile_pass(system, datamodule, opt, sched, device, steps: int, warmup: int
     if by_source:
         result["sources"] = source_table(prof.events(), steps, top)
         result["stages"] = stage_table(prof.key_averages(), steps)
+        result["syncs"] = sync_table(prof.events(), steps)
     return result
 
 
@@ -185,9 +220,14 @@ def main(argv: list[str] | None = None) -> None:
         for k in r["host_ops"][:12]:
             print(f"  {k['self_ms_per_step']:7.2f} ms  {k['calls_per_step']:6.1f}x  {k['name']}")
         if "stages" in r:
-            print("  per stage: host ms (inclusive), GPU ms launched from the main thread")
+            print("  per stage: host ms (inclusive), GPU kernel ms launched from the main thread, GPU span ms")
             for k in r["stages"]:
-                print(f"  {k['host_ms_per_step']:7.2f} {k['gpu_ms_per_step']:7.2f}  {k['stage']}")
+                span = "-" if k["gpu_span_ms_per_step"] is None else f"{k['gpu_span_ms_per_step']:.2f}"
+                print(f"  {k['host_ms_per_step']:7.2f} {k['gpu_ms_per_step']:7.2f} {span:>7}  {k['stage']}")
+        if "syncs" in r:
+            print("  host waits for the GPU: ms per step, calls per step, stage, op -> call")
+            for k in r["syncs"]:
+                print(f"  {k['wait_ms_per_step']:7.2f} ms  {k['calls_per_step']:6.1f}x  {k['stage']}  {k['call']}")
         if "sources" in r:
             print("  GPU time by launch site:")
             for k in r["sources"]:

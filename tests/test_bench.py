@@ -213,3 +213,17 @@ def test_kernel_time_by_launch_site():
     assert [r["stage"] for r in stages] == list(bench.STAGES)[:len(stages)] and len(stages) >= 2
     host = {r["stage"]: r["host_ms_per_step"] for r in stages}
     assert host["light"] > 0 and host["mesh"] > 0  # each range holds a 300x300 product
+
+    class Evt:  # a profiled host event: name, parent, host time
+        device_type = torch.autograd.DeviceType.CPU
+
+        def __init__(self, name, parent=None, us=0.0):
+            self.name, self.cpu_parent, self.cpu_time_total = name, parent, us
+
+    mesh, loss = Evt("stage:mesh"), Evt("stage:loss")
+    nonzero = Evt("aten::nonzero", Evt("aten::_local_scalar_dense", mesh))
+    events = [Evt("cudaStreamSynchronize", nonzero, 300.0), Evt("cudaStreamSynchronize", nonzero, 100.0),
+              Evt("cudaMemcpy", Evt("aten::item", loss), 50.0), Evt("cudaLaunchKernel", nonzero, 900.0)]
+    syncs = kernels.sync_table(events, 2)
+    assert [(r["stage"], r["call"], r["wait_ms_per_step"], r["calls_per_step"]) for r in syncs] == [
+        ("mesh", "aten::nonzero -> cudaStreamSynchronize", 0.2, 1.0), ("loss", "aten::item -> cudaMemcpy", 0.025, 0.5)]
