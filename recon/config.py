@@ -106,6 +106,7 @@ class RenderConfig:
     backend: str = "auto"                 # auto | torch | nvdiffrast
     compile: str = "off"                  # torch.compile the shading and losses: off | auto (CUDA) | on
     fused_shading: bool = True            # CUDA: the per-pixel shading as Triton kernels (recon/render/shading_triton.py)
+    cuda_graphs: bool = True              # CUDA training: the light's mips and pass 2's mesh as CUDA graphs (recon/cuda_graphs.py)
 
 
 @dataclass

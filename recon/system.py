@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recon import compiled
+from recon import compiled, cuda_graphs
 from recon.color import linear_to_srgb, tonemap_srgb
 from recon.data.depth import depth_loss
 from recon.data.sampler import run_seed
@@ -94,6 +94,7 @@ class ReconSystem(L.LightningModule):
         self.textures: TexturePBRMaterial | None = None
         self.render_cfg, self.loss_cfg, self.optim_cfg, self.bake_cfg = dict(render), dict(loss), dict(optim), dict(bake)
         compiled.set_mode(self.render_cfg.get("compile", "off"))
+        cuda_graphs.set_enabled(bool(self.render_cfg.get("cuda_graphs", True)))
         self.pass1_steps, self.pass2_steps = int(pass1_steps), int(pass2_steps)
         if self.pass1_steps <= 0 or self.pass2_steps < 0:
             raise ValueError(f"model.pass1_steps={pass1_steps} must be > 0 and model.pass2_steps={pass2_steps} >= 0.")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from recon.geometry.mesh import Mesh, laplacian_loss, laplacian_uniform
+from recon.cuda_graphs import GraphCache
+from recon.geometry.mesh import Mesh, laplacian_loss, laplacian_uniform, normals_and_tangents
 from recon.sparse import SparseOperator
 
 
@@ -25,6 +26,7 @@ class FixedTopologyMesh(nn.Module):
         self.register_buffer("uv_faces", mesh.uv_faces.detach().long().clone())
         self.offset = nn.Parameter(torch.zeros_like(self.initial_verts))
         self._laplacian: SparseOperator | None = None  # built on first use, on the faces' device (fixed topology)
+        self._graphs = GraphCache()  # CUDA graphs of forward and the Laplacian term (fixed shapes: recon.cuda_graphs)
 
     @classmethod
     def empty_like(cls, state: dict[str, Tensor], prefix: str = "") -> FixedTopologyMesh:
@@ -38,8 +40,12 @@ class FixedTopologyMesh(nn.Module):
         return self.initial_verts + self.offset
 
     def forward(self) -> Mesh:
-        """The current mesh with area-weighted normals, UV tangents and their handedness (differentiable)."""
-        return Mesh(verts=self.verts, faces=self.faces, uv=self.uv, uv_faces=self.uv_faces).with_tangents()
+        """The current mesh with area-weighted normals, UV tangents and their handedness (differentiable; while
+        training on CUDA through CUDA graphs)."""
+        verts, normals, tangents, sign = self._graphs.call("mesh", _vertex_frames, self.offset, self.initial_verts,
+                                                           self.faces, self.uv, self.uv_faces)
+        return Mesh(verts=verts, faces=self.faces, normals=normals, uv=self.uv, uv_faces=self.uv_faces,
+                    tangents=tangents, handedness=sign)
 
     def laplacian_regularizer(self) -> Tensor:
         """nvdiffrec's relative Laplacian term: mean squared Laplacian of the offset (penalises local shape change)."""
@@ -47,7 +53,18 @@ class FixedTopologyMesh(nn.Module):
         if lap is None or lap.device != self.faces.device or lap.dtype != self.initial_verts.dtype:
             lap = laplacian_uniform(self.initial_verts.shape[0], self.faces, dtype=self.initial_verts.dtype)
             lap = self._laplacian = SparseOperator.from_sparse(lap)
-        return laplacian_loss(self.verts, self.faces, self.initial_verts, lap=lap)
+
+        def term(offset: Tensor, initial: Tensor, faces: Tensor) -> tuple[Tensor]:
+            return (laplacian_loss(initial + offset, faces, initial, lap=lap),)
+
+        return self._graphs.call("laplacian", term, self.offset, self.initial_verts, self.faces)[0]
 
     def extra_repr(self) -> str:
         return f"verts={self.initial_verts.shape[0]}, faces={self.faces.shape[0]}, uv={self.uv.shape[0]}"
+
+
+def _vertex_frames(offset: Tensor, initial: Tensor, faces: Tensor, uv: Tensor, uv_faces: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Positions ``initial + offset`` and their normals, tangents and handedness (`normals_and_tangents`)."""
+    verts = initial + offset
+    return (verts, *normals_and_tangents(verts, faces, uv, uv_faces))

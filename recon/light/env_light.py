@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from recon.compiled import fused
+from recon.cuda_graphs import GraphCache
 from recon.light.bsdf import ggx_lut, ggx_ndf, hammersley, importance_sample_ggx, lookup_lut
 from recon.render.cube import cube_taps, cube_to_dir, dir_to_cube, normalize, sample_cube, sample_cube_mips
 from recon.sparse import SparseOperator
@@ -195,6 +196,7 @@ class EnvironmentLight(nn.Module):
         self.diffuse: Tensor | None = None
         self._operator = _OperatorCache()  # the prefilter as a sparse matrix, see `_prefilter_operator`
         self._irradiance_weights = _OperatorCache()  # the diffuse convolution as a dense matrix, see `_irradiance`
+        self._graphs = GraphCache()  # build_mips' CUDA graphs (recon.cuda_graphs)
         if probe is not None:
             self.from_latlong(probe)
 
@@ -304,21 +306,27 @@ class EnvironmentLight(nn.Module):
         return (self._irradiance_weights.value @ cube.reshape(-1, cube.shape[-1])).reshape(cube.shape)
 
     def build_mips(self) -> None:
-        """Rebuild the specular mip chain and diffuse irradiance cube from `base` (differentiably)."""
-        pooled = [self.base]
+        """Rebuild the specular mip chain and diffuse irradiance cube from `base` (differentiably; while training on
+        CUDA through CUDA graphs, `recon.cuda_graphs`: the chain's shapes never change)."""
+        levels = self._graphs.call("light mips", self._mip_chain, self.base)
+        self.specular, self.diffuse = [self.base, *levels[:-1]], levels[-1]
+
+    def _mip_chain(self, base: Tensor) -> tuple[Tensor, ...]:
+        """Specular levels 1..L-1 and the diffuse irradiance cube of cube map ``base``."""
+        pooled = [base]
         while pooled[-1].shape[1] > self.min_res:
             pooled.append(avg_pool_cube(pooled[-1]))
-        self.specular = [self.base]
+        specular = []
         if len(pooled) > 1:
-            ch = self.base.shape[-1]
-            op = self._prefilter_operator([p.shape[1] for p in pooled], self.base.device, self.base.dtype)
+            ch = base.shape[-1]
+            op = self._prefilter_operator([p.shape[1] for p in pooled], base.device, base.dtype)
             out = op(torch.cat([p.reshape(-1, ch) for p in pooled]))
             sizes = [6 * p.shape[1] ** 2 for p in pooled[1:]]
-            self.specular += [o.reshape(p.shape) for o, p in zip(out.split(sizes), pooled[1:])]
+            specular = [o.reshape(p.shape) for o, p in zip(out.split(sizes), pooled[1:])]
         diff_src = pooled[-1]
         while diff_src.shape[1] > self.diffuse_res:
             diff_src = avg_pool_cube(diff_src)
-        self.diffuse = self._irradiance(diff_src)
+        return (*specular, self._irradiance(diff_src))
 
     def shade(
         self, gb_pos: Tensor, gb_normal: Tensor, kd: Tensor, arm: Tensor, view_pos: Tensor, specular: bool = True,

@@ -198,7 +198,7 @@ def _level(
     return dx0 * scale, dx1 * scale, dx2 * scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_points"])  # n_points changes every step: one compiled variant
 def _hash_grid_kernel(
     x_ptr,  # [N, D] points, any float dtype, strides (stride_xn, stride_xd)
     table_ptr,  # [n_entries * F] table, float32 or float64: the compute dtype

@@ -42,7 +42,7 @@ def _load(w_ptr, rows: tl.constexpr, cols: tl.constexpr, ROWS_PAD: tl.constexpr,
     return tl.load(w_ptr + r[:, None] * cols + c[None, :], mask=(r[:, None] < rows) & (c[None, :] < cols), other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_points"])  # n_points changes every step: one compiled variant
 def _mlp_forward_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n_points, IN: tl.constexpr, H: tl.constexpr,
                         OUT: tl.constexpr, OUT_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -57,7 +57,7 @@ def _mlp_forward_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n_points, IN: tl.c
     tl.store(y_ptr + n64[:, None] * OUT + o[None, :], y, mask=valid[:, None] & (o[None, :] < OUT))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_points"])  # n_points changes every step: one compiled variant
 def _mlp_backward_kernel(x_ptr, w0_ptr, w1_ptr, w2_ptr, gy_ptr, gx_ptr, gw0_ptr, gw1_ptr, gw2_ptr, n_points,
                          IN: tl.constexpr, H: tl.constexpr, OUT: tl.constexpr, OUT_PAD: tl.constexpr,
                          BLOCK: tl.constexpr, ITERS: tl.constexpr, INPUT_GRAD: tl.constexpr,

@@ -69,7 +69,7 @@ def _unit_grad(x, y, z, r, s, gx, gy, gz):
     return gx * r - x * k, gy * r - y * k, gz * r - z * k
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # n_rows changes every step: one compiled variant
 def _shading_kernel(
     nrm_ptr, smooth_ptr, geom_ptr, pos_ptr, view_ptr, tan_ptr, hand_ptr, kd_ptr, arm_ptr,  # [N,3] rows ([N,1] hand)
     s_nrm, s_smooth, s_geom, s_pos, s_view, s_tan, s_hand, s_kd, s_arm,  # their row strides (channel stride 1)
@@ -262,7 +262,7 @@ def _shading_kernel(
             _store3(d_smooth_ptr, r64, g_sx, g_sy, g_sz, m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # n_rows changes every step: one compiled variant
 def _combine_kernel(
     irr_ptr, diff_ptr, spec_ptr, spec_col_ptr, fg_ptr, arm_ptr,  # [N,3] rows, fg [N,2]
     s_irr, s_diff, s_spec, s_spec_col, s_fg, s_arm,

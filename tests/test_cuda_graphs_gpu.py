@@ -1,0 +1,113 @@
+"""recon.cuda_graphs on CUDA: the light's mip chain and pass 2's mesh replayed as CUDA graphs give the values and
+gradients of the eager functions, step after step, capture once, and stay eager where they must (marked `gpu`)."""
+import pytest
+import torch
+
+from recon import cuda_graphs
+from recon.geometry.fixed_mesh import FixedTopologyMesh
+from recon.geometry.mesh import Mesh
+from recon.light import EnvironmentLight
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(autouse=True)
+def graphs_on():
+    cuda_graphs.set_enabled(True)
+    yield
+    cuda_graphs.set_enabled(True)
+
+
+def _sphere() -> Mesh:
+    import trimesh
+
+    tm = trimesh.creation.icosphere(subdivisions=4)
+    verts, faces = torch.tensor(tm.vertices, dtype=torch.float32), torch.tensor(tm.faces, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    return Mesh(verts=verts, faces=faces, uv=torch.rand(verts.shape[0], 2, generator=g), uv_faces=faces)
+
+
+def _mesh_steps(surface: FixedTopologyMesh, graphs: bool, steps: int = 3) -> list:
+    """A few optimiser steps on a loss of every differentiable output; the values and gradients of each step."""
+    cuda_graphs.set_enabled(graphs)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    weights = [torch.randn(surface.initial_verts.shape[0], 3, device="cuda", generator=g) for _ in range(3)]
+    opt = torch.optim.Adam(surface.parameters(), lr=1e-3)
+    seen = []
+    for _ in range(steps):
+        mesh = surface()
+        lap = surface.laplacian_regularizer()
+        loss = sum((t * w).sum() for t, w in zip((mesh.verts, mesh.normals, mesh.tangents), weights)) + 1e3 * lap
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        seen.append([t.detach().clone() for t in (mesh.verts, mesh.normals, mesh.tangents, mesh.handedness, lap,
+                                                  surface.offset.grad)])
+        opt.step()
+    return seen
+
+
+def test_fixed_mesh_graphs_match_eager_over_steps():
+    start = _sphere().to("cuda")
+    eager, graphed = FixedTopologyMesh(start).cuda(), FixedTopologyMesh(start).cuda()
+    with torch.no_grad():
+        eager.offset.normal_(std=0.01, generator=torch.Generator(device="cuda").manual_seed(2))
+        graphed.offset.copy_(eager.offset)
+    expected = _mesh_steps(eager, graphs=False)
+    found = _mesh_steps(graphed, graphs=True)
+    assert eager._graphs.captures("mesh") == 0
+    assert graphed._graphs.captures("mesh") == 1 and graphed._graphs.captures("laplacian") == 1
+    for step_found, step_expected in zip(found, expected):
+        for a, b in zip(step_found, step_expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(found[0][0], found[-1][0])  # the offset moved: later steps replayed on new values
+
+
+def test_fixed_mesh_without_gradients_runs_eagerly_and_keeps_its_outputs():
+    surface = FixedTopologyMesh(_sphere().to("cuda")).cuda()
+    surface().verts.sum().backward()  # captured
+    with torch.no_grad():
+        first = surface().normals
+        surface.offset.add_(0.05)
+        second = surface().normals
+    assert surface._graphs.captures("mesh") == 1
+    assert not torch.equal(first, second)  # each call's own tensors, not a graph's buffer overwritten
+
+
+def _light_steps(light: EnvironmentLight, graphs: bool, steps: int = 3) -> list:
+    cuda_graphs.set_enabled(graphs)
+    opt = torch.optim.Adam(light.parameters(), lr=1e-2)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    light.build_mips()
+    weights = [torch.randn_like(t, generator=g) for t in [*light.specular, light.diffuse]]
+    seen = []
+    for _ in range(steps):
+        light.build_mips()
+        loss = sum((t * w).sum() for t, w in zip([*light.specular, light.diffuse], weights))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        seen.append([t.detach().clone() for t in [*light.specular, light.diffuse, light.base.grad]])
+        opt.step()
+        light.clamp_(min=0.0)
+    return seen
+
+
+def test_light_mips_graphs_match_eager_over_steps():
+    eager = EnvironmentLight(base_res=64, min_res=8, diffuse_res=8, init="random").cuda()
+    graphed = EnvironmentLight(base_res=64, min_res=8, diffuse_res=8).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    expected = _light_steps(eager, graphs=False)
+    found = _light_steps(graphed, graphs=True)
+    assert eager._graphs.captures("light mips") == 0 and graphed._graphs.captures("light mips") == 1
+    for step_found, step_expected in zip(found, expected):
+        for a, b in zip(step_found, step_expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_new_shapes_capture_again():
+    light = EnvironmentLight(base_res=32, min_res=8, diffuse_res=8).cuda()
+    light.build_mips()
+    light.specular[-1].sum().backward()
+    light.base = torch.nn.Parameter(torch.rand(6, 64, 64, 3, device="cuda"))
+    light.build_mips()
+    assert [t.shape[1] for t in light.specular] == [64, 32, 16, 8]
+    assert light._graphs.captures("light mips") == 2
