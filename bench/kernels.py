@@ -32,8 +32,8 @@ def _kernel_table(prof, steps: int, top: int) -> tuple[list[dict], float]:
     rows, total = [], 0.0
     for evt in prof.key_averages():
         gpu_us = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0))
-        if gpu_us <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:  # kernels and copies only
-            continue
+        if gpu_us <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA or evt.key.startswith("stage:"):
+            continue  # kernels and copies only (not StageScopes' ranges as the GPU's timeline records them)
         total += gpu_us
         rows.append({"name": evt.key[:90], "ms_per_step": gpu_us / 1e3 / steps, "calls_per_step": evt.count / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])

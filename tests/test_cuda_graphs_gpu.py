@@ -18,13 +18,15 @@ def graphs_on():
     cuda_graphs.set_enabled(True)
 
 
-def _sphere() -> Mesh:
-    import trimesh
-
-    tm = trimesh.creation.icosphere(subdivisions=4)
-    verts, faces = torch.tensor(tm.vertices, dtype=torch.float32), torch.tensor(tm.faces, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    return Mesh(verts=verts, faces=faces, uv=torch.rand(verts.shape[0], 2, generator=g), uv_faces=faces)
+def _sheet(n: int = 48) -> Mesh:
+    """A wavy height field over the unit square, UVs = (x, y): well-conditioned normals, tangents and handedness."""
+    t = torch.linspace(0, 1, n)
+    y, x = torch.meshgrid(t, t, indexing="ij")
+    verts = torch.stack([x, y, 0.1 * torch.sin(3 * x) * torch.cos(2 * y)], -1).reshape(-1, 3)
+    i = torch.arange(n - 1)
+    a = (i[:, None] * n + i[None, :]).reshape(-1)  # each cell's lower-left corner
+    faces = torch.cat([torch.stack([a, a + 1, a + n + 1], 1), torch.stack([a, a + n + 1, a + n], 1)])
+    return Mesh(verts=verts, faces=faces, uv=verts[:, :2].clone(), uv_faces=faces)
 
 
 def _mesh_steps(surface: FixedTopologyMesh, graphs: bool, steps: int = 3) -> list:
@@ -47,7 +49,7 @@ def _mesh_steps(surface: FixedTopologyMesh, graphs: bool, steps: int = 3) -> lis
 
 
 def test_fixed_mesh_graphs_match_eager_over_steps():
-    start = _sphere().to("cuda")
+    start = _sheet().to("cuda")
     eager, graphed = FixedTopologyMesh(start).cuda(), FixedTopologyMesh(start).cuda()
     with torch.no_grad():
         eager.offset.normal_(std=0.01, generator=torch.Generator(device="cuda").manual_seed(2))
@@ -56,14 +58,15 @@ def test_fixed_mesh_graphs_match_eager_over_steps():
     found = _mesh_steps(graphed, graphs=True)
     assert eager._graphs.captures("mesh") == 0
     assert graphed._graphs.captures("mesh") == 1 and graphed._graphs.captures("laplacian") == 1
-    for step_found, step_expected in zip(found, expected):
-        for a, b in zip(step_found, step_expected):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    names = ("verts", "normals", "tangents", "handedness", "laplacian", "offset grad")
+    for step, (step_found, step_expected) in enumerate(zip(found, expected)):
+        for name, a, b in zip(names, step_found, step_expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
     assert not torch.equal(found[0][0], found[-1][0])  # the offset moved: later steps replayed on new values
 
 
 def test_fixed_mesh_without_gradients_runs_eagerly_and_keeps_its_outputs():
-    surface = FixedTopologyMesh(_sphere().to("cuda")).cuda()
+    surface = FixedTopologyMesh(_sheet().to("cuda")).cuda()
     surface().verts.sum().backward()  # captured
     with torch.no_grad():
         first = surface().normals
@@ -98,9 +101,9 @@ def test_light_mips_graphs_match_eager_over_steps():
     expected = _light_steps(eager, graphs=False)
     found = _light_steps(graphed, graphs=True)
     assert eager._graphs.captures("light mips") == 0 and graphed._graphs.captures("light mips") == 1
-    for step_found, step_expected in zip(found, expected):
-        for a, b in zip(step_found, step_expected):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for step, (step_found, step_expected) in enumerate(zip(found, expected)):
+        for k, (a, b) in enumerate(zip(step_found, step_expected)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} output {k}: {m}")
 
 
 def test_new_shapes_capture_again():
