@@ -18,6 +18,12 @@ def graphs_on():
     cuda_graphs.set_enabled(True)
 
 
+def _close(a, b, what: str) -> None:
+    """Equal up to float rounding: the scatter-adds (vertex sums, gradients) add in a different order each run, and
+    cancelling sums can lose a few digits of their largest term, so the absolute tolerance follows the largest value."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * float(b.abs().max()) + 1e-7, msg=lambda m: f"{what}: {m}")
+
+
 def _sheet(n: int = 48) -> Mesh:
     """A wavy height field over the unit square, UVs = (x, y): well-conditioned normals, tangents and handedness."""
     t = torch.linspace(0, 1, n)
@@ -61,7 +67,7 @@ def test_fixed_mesh_graphs_match_eager_over_steps():
     names = ("verts", "normals", "tangents", "handedness", "laplacian", "offset grad")
     for step, (step_found, step_expected) in enumerate(zip(found, expected)):
         for name, a, b in zip(names, step_found, step_expected):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
+            _close(a, b, f"step {step} {name}")
     assert not torch.equal(found[0][0], found[-1][0])  # the offset moved: later steps replayed on new values
 
 
@@ -103,7 +109,7 @@ def test_light_mips_graphs_match_eager_over_steps():
     assert eager._graphs.captures("light mips") == 0 and graphed._graphs.captures("light mips") == 1
     for step, (step_found, step_expected) in enumerate(zip(found, expected)):
         for k, (a, b) in enumerate(zip(step_found, step_expected)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} output {k}: {m}")
+            _close(a, b, f"step {step} output {k}")
 
 
 def test_new_shapes_capture_again():

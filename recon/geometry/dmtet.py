@@ -61,7 +61,7 @@ def marching_tets_topology(
     inside_t = inside[tets]  # [Nt,4]
     n_inside = inside_t.sum(dim=1)
     valid = ((n_inside > 0) & (n_inside < 4)).nonzero().squeeze(1)  # filter first: usually a few %
-    tets, inside_t = tets.index_select(0, valid), inside_t.index_select(0, valid)  # one host sync for both
+    tets, inside_t = take_rows(tets, valid), inside_t.index_select(0, valid)  # one host sync for both
 
     ends = tets[:, corners]  # [T,6,2]
     crossing = (inside_t[:, corners[:, 0]] != inside_t[:, corners[:, 1]]).reshape(-1).nonzero().squeeze(1)  # of T*6
