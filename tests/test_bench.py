@@ -171,7 +171,7 @@ def test_kernel_time_by_launch_site():
     its autograd node (CPU time stands in for GPU time here)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from recon.gather import take_rows
+    from recon.gather import select_rows, take_rows
 
     spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
     kernels = importlib.util.module_from_spec(spec)
@@ -183,8 +183,8 @@ def test_kernel_time_by_launch_site():
             take_rows(x, index).square().sum().backward()
     rows = kernels.source_table(prof.events(), 2, 50, time_us=lambda evt: evt.self_cpu_time_total)
     found = {(r["site"], r["op"]): r["calls_per_step"] for r in rows}
-    line = take_rows.__code__.co_firstlineno
-    assert found[(f"recon/gather.py:{line} take_rows", "aten::index_select")] == 1.0
+    line = select_rows.__code__.co_firstlineno  # the innermost recon function: take_rows calls select_rows
+    assert found[(f"recon/gather.py:{line} select_rows", "aten::index_select")] == 1.0
     assert ("backward: IndexSelectBackward0", "aten::scatter_add_") in found or \
         ("backward: IndexSelectBackward0", "aten::index_add_") in found
     assert all(r["ms_per_step"] > 0 for r in rows) and rows == sorted(rows, key=lambda r: -r["ms_per_step"])

@@ -30,6 +30,7 @@ COMPILED = ["model.render.compile=auto", *UNFUSED_SHADING]
     ("nerf800-short-cuda-nvidia-h200.json", "nerf800", "cuda:0", "torch", "peak_gpu_memory_bytes", UNFUSED),
     ("nerf800-7e014e0-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", UNFUSED_SHADING),
     ("nerf800-a937619-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", []),
+    ("nerf800-25e2aeb-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", []),
     ("nerf800-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", []),
     ("nerf800-compiled-cuda-nvidia-h200.json", "nerf800", "cuda:0", "triton", "peak_gpu_memory_bytes", COMPILED),
     ("cpu-small-cpu.json", "cpu_small", "cpu", "torch", "peak_host_memory_bytes", []),
