@@ -289,3 +289,52 @@ def test_sdf_regularizer_reuses_the_extraction_of_the_same_sdf():
         opt.step()
         assert geo._crossing[1] != geo._sdf_state()  # stale now
         torch.testing.assert_close(geo.sdf_regularizer(), sdf_sign_loss(geo.sdf, geo.edges))
+
+
+def _bounded_and_exact_steps(device: str, grid: int = 24, steps: int = 4) -> None:
+    """The same sdf updates through bounded buffers and through exact sizes: equal meshes, gradients and
+    regulariser, step after step (the buffers follow the counts; the first extraction sizes them)."""
+    torch.manual_seed(0)
+    bounded = DMTetGeometry(tet_grid=grid, sdf_init="random").to(device)
+    exact = DMTetGeometry(tet_grid=grid, sdf_init="random", bounded_buffers=False).to(device)
+    exact.load_state_dict(bounded.state_dict())
+    g = torch.Generator(device=device).manual_seed(1)
+    for step in range(steps):
+        results = []
+        for geo in (bounded, exact):
+            mesh = geo()
+            w = torch.randn(mesh.verts.shape, generator=torch.Generator(device=device).manual_seed(step), device=device)
+            loss = (mesh.verts * w).sum() + mesh.normals.sum() + geo.sdf_regularizer()
+            geo.zero_grad(set_to_none=True)
+            loss.backward()
+            results.append((mesh.verts.detach(), mesh.faces, geo.sdf.grad, geo.deform.grad, loss.detach()))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert bounded._capacity is not None and exact._capacity is None
+        with torch.no_grad():
+            d = 0.05 * torch.randn(bounded.sdf.shape, generator=g, device=device)
+            bounded.sdf.add_(d)
+            exact.sdf.add_(d)
+
+
+def test_bounded_buffers_equal_the_exact_extraction():
+    _bounded_and_exact_steps("cpu")
+
+
+def test_bounded_buffers_that_overflow_fall_back_to_exact_sizes():
+    torch.manual_seed(2)
+    geo = DMTetGeometry(tet_grid=20, sdf_init="random")
+    expected = DMTetGeometry(tet_grid=20, sdf_init="random", bounded_buffers=False)
+    expected.load_state_dict(geo.state_dict())
+    geo()
+    for small in range(4):  # each buffer in turn too small
+        geo._capacity = tuple(8 if i == small else c for i, c in enumerate(geo._capacity))
+        mesh = geo()
+        assert torch.equal(mesh.faces, expected().faces) and torch.equal(mesh.verts, expected().verts)
+        assert geo._capacity[small] > 8  # resized from the exact counts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bounded_buffers_equal_the_exact_extraction_on_cuda():
+    _bounded_and_exact_steps("cuda", grid=48)
