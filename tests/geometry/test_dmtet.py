@@ -295,7 +295,7 @@ def _bounded_and_exact_steps(device: str, grid: int = 24, steps: int = 4) -> Non
     """The same sdf updates through bounded buffers and through exact sizes: equal meshes, gradients and
     regulariser, step after step (the buffers follow the counts; the first extraction sizes them)."""
     torch.manual_seed(0)
-    bounded = DMTetGeometry(tet_grid=grid, sdf_init="random").to(device)
+    bounded = DMTetGeometry(tet_grid=grid, sdf_init="random", bounded_buffers=True).to(device)
     exact = DMTetGeometry(tet_grid=grid, sdf_init="random", bounded_buffers=False).to(device)
     exact.load_state_dict(bounded.state_dict())
     g = torch.Generator(device=device).manual_seed(1)
@@ -304,10 +304,13 @@ def _bounded_and_exact_steps(device: str, grid: int = 24, steps: int = 4) -> Non
         for geo in (bounded, exact):
             mesh = geo()
             w = torch.randn(mesh.verts.shape, generator=torch.Generator(device=device).manual_seed(step), device=device)
-            loss = (mesh.verts * w).sum() + mesh.normals.sum() + geo.sdf_regularizer()
+            # not the normals: on a noisy sdf, slivers make their gradient ill-conditioned, and CUDA's scatter-adds
+            # (in any order) move it by up to 0.4 between two runs of the same path
+            loss = (mesh.verts * w).sum() + geo.sdf_regularizer()
             geo.zero_grad(set_to_none=True)
             loss.backward()
-            results.append((mesh.verts.detach(), mesh.faces, geo.sdf.grad, geo.deform.grad, loss.detach()))
+            results.append((mesh.verts.detach(), mesh.faces, mesh.normals.detach(), geo.sdf.grad, geo.deform.grad,
+                            loss.detach()))
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         assert bounded._capacity is not None and exact._capacity is None
@@ -323,7 +326,7 @@ def test_bounded_buffers_equal_the_exact_extraction():
 
 def test_bounded_buffers_that_overflow_fall_back_to_exact_sizes():
     torch.manual_seed(2)
-    geo = DMTetGeometry(tet_grid=20, sdf_init="random")
+    geo = DMTetGeometry(tet_grid=20, sdf_init="random", bounded_buffers=True)
     expected = DMTetGeometry(tet_grid=20, sdf_init="random", bounded_buffers=False)
     expected.load_state_dict(geo.state_dict())
     geo()
