@@ -160,7 +160,7 @@ def ensure_sfm(
     cache_dir: str | Path | None = None,
 ) -> tuple[Path, dict]:
     """The cached SfM model folder of the photos under ``root`` (running SfM on first use) and its summary."""
-    from recon.data.synthetic_scene import default_cache_dir
+    from recon.cache import cache_dir as default_cache_dir
 
     if matcher not in MATCHERS:
         raise DataError(f"data.sfm.matcher={matcher!r} is not one of {', '.join(MATCHERS)}.")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from recon.cache import cache_dir as default_cache_dir
 from recon.color import linear_to_srgb
 from recon.export.obj import atomic_directory, png_bytes_all
 from recon.render.camera import look_at, perspective, transform_pos
@@ -248,10 +248,6 @@ def _write_split(root: Path, split: str, images: Tensor, c2w: np.ndarray) -> Non
     frames = [{"file_path": f"./{split}/r_{i}", "transform_matrix": m.tolist()} for i, m in enumerate(c2w)]
     meta = {"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}
     (root / f"transforms_{split}.json").write_text(json.dumps(meta, indent=2))
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RECON_CACHE", Path.home() / ".cache" / "recon"))
 
 
 def builtin_scene_dir(resolution: int = 256, n_train: int = 100, n_val: int = 4, n_test: int = 16,

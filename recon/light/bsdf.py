@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor
 
+from recon.cache import cached_tensor
+
 _LUT_CACHE: dict[tuple[int, int], Tensor] = {}
 
 
@@ -71,19 +73,24 @@ def ggx_lut(resolution: int = 256, samples: int = 512) -> Tensor:
     """Split-sum environment BRDF table: [R,R,2] float32 (scale, bias) so that int f*cos = F0*scale + bias.
 
     Entry [i,j] is at n_dot_v = (i+0.5)/R, roughness = (j+0.5)/R (texel centres). Computed by GGX importance
-    sampling over a Hammersley set (Karis), cached in memory per (resolution, samples); returned on CPU.
+    sampling over a Hammersley set (Karis), cached in memory per (resolution, samples) and on disk
+    (`recon.cache.cached_tensor`: the default 256^2 x 512 samples take seconds of CPU time); returned on CPU.
     """
     key = (resolution, samples)
     if key not in _LUT_CACHE:
-        xi = hammersley(samples)
-        c = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
-        n_dot_v, rough = torch.meshgrid(c, c, indexing="ij")
-        n_dot_v, rough = n_dot_v.reshape(-1), rough.reshape(-1)
-        chunk = max(1, 2**20 // samples)
-        out = torch.cat([_lut_entry(n_dot_v[k : k + chunk], rough[k : k + chunk], xi)
-                         for k in range(0, n_dot_v.numel(), chunk)])
-        _LUT_CACHE[key] = out.reshape(resolution, resolution, 2).float()
+        _LUT_CACHE[key] = cached_tensor(f"ggx_lut_r{resolution}_s{samples}_v1", lambda: _compute_lut(resolution, samples))
     return _LUT_CACHE[key]
+
+
+def _compute_lut(resolution: int, samples: int) -> Tensor:
+    xi = hammersley(samples)
+    c = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
+    n_dot_v, rough = torch.meshgrid(c, c, indexing="ij")
+    n_dot_v, rough = n_dot_v.reshape(-1), rough.reshape(-1)
+    chunk = max(1, 2**20 // samples)
+    out = torch.cat([_lut_entry(n_dot_v[k : k + chunk], rough[k : k + chunk], xi)
+                     for k in range(0, n_dot_v.numel(), chunk)])
+    return out.reshape(resolution, resolution, 2).float()
 
 
 def lookup_lut(lut: Tensor, n_dot_v: Tensor, roughness: Tensor) -> Tensor:
