@@ -201,15 +201,11 @@ class DMTetGeometry(nn.Module):
         return verts + self.deform_scale * self.cell_size * torch.tanh(deform)
 
     def _surface_cells(self, inside: Tensor) -> Tensor:
-        """[res^3] bool: the cells whose 8 corners are not all on one side (8 shifted views of the occupancy)."""
-        n, res = self.tet_grid + 1, self.tet_grid
-        occ = inside.view(n, n, n)
-        corners = [occ[i : i + res, j : j + res, k : k + res] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
-        any_in, all_in = corners[0].clone(), corners[0].clone()
-        for c in corners[1:]:
-            any_in |= c
-            all_in &= c
-        return (any_in & ~all_in).reshape(-1)
+        """[res^3] bool: the cells whose 8 corners are not all on one side: the mean occupancy of each 2x2x2 block of
+        grid vertices is strictly between 0 and 1 (a mean of eight 0/1 values, exact in float32)."""
+        n = self.tet_grid + 1
+        mean = F.avg_pool3d(inside.view(1, 1, n, n, n).float(), kernel_size=2, stride=1)
+        return ((mean > 0) & (mean < 1)).reshape(-1)
 
     def _surface_tets(self, inside: Tensor) -> Tensor:
         """Tets `[Nt',4]` of the cells whose 8 corners are not all on one side.
@@ -311,9 +307,9 @@ class DMTetGeometry(nn.Module):
         inside = self.sdf.detach() < 0
         edges, faces = self._topology(inside)
         self._crossing = (edges, self._sdf_state())
-        a, b = edges[:, 0], edges[:, 1]
-        verts = interpolate_crossings(self.deformed_verts(a), self.deformed_verts(b), take_rows(self.sdf, a),
-                                      take_rows(self.sdf, b))
+        ends = edges.reshape(-1)  # both ends of each edge, gathered together
+        pos, sdf = self.deformed_verts(ends).view(-1, 2, 3), take_rows(self.sdf, ends).view(-1, 2)
+        verts = interpolate_crossings(pos[:, 0], pos[:, 1], sdf[:, 0], sdf[:, 1])
         return Mesh(verts=verts, faces=faces, normals=vertex_normals(verts, faces))
 
     def _sdf_state(self) -> tuple[int, int, torch.device]:

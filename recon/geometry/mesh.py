@@ -25,7 +25,7 @@ def safe_normalize(x: Tensor, eps: float = 1e-20) -> Tensor:
 
 def face_normals(verts: Tensor, faces: Tensor) -> Tensor:
     """Unnormalized face normals `[Nf,3]`: (v1 - v0) x (v2 - v0), length twice the face area."""
-    v0, v1, v2 = (take_rows(verts, faces[:, i]) for i in range(3))
+    v0, v1, v2 = take_rows(verts, faces).unbind(1)  # the three corners in one gather
     return torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)
 
 
@@ -42,9 +42,8 @@ def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
 def _scatter_corners(values: Tensor, faces: Tensor, n_verts: int) -> Tensor:
     """Per-face rows [Nf,C] summed into each of the face's three vertices -> [Nv,C]."""
     acc = torch.zeros(n_verts, values.shape[1], dtype=values.dtype, device=values.device)
-    for corner in range(3):
-        acc = acc.index_add(0, faces[:, corner], values)
-    return acc
+    # one scatter of every corner (faces row-major: corner rows follow their face's)
+    return acc.index_add(0, faces.reshape(-1), values.repeat_interleave(3, dim=0))
 
 
 def _unit_normals(acc: Tensor) -> Tensor:

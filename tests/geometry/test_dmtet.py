@@ -341,3 +341,14 @@ def test_bounded_buffers_that_overflow_fall_back_to_exact_sizes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bounded_buffers_equal_the_exact_extraction_on_cuda():
     _bounded_and_exact_steps("cuda", grid=48)
+
+
+def test_surface_cells_are_the_cells_with_corners_on_both_sides():
+    geo = DMTetGeometry(tet_grid=9)
+    n, res = 10, 9
+    for seed, p in ((0, 0.5), (1, 0.05), (2, 0.97)):
+        inside = torch.rand(n**3, generator=torch.Generator().manual_seed(seed)) < p
+        occ = inside.view(n, n, n)
+        corners = torch.stack([occ[i : i + res, j : j + res, k : k + res] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+        expected = (corners.any(0) & ~corners.all(0)).reshape(-1)
+        assert torch.equal(geo._surface_cells(inside), expected)
