@@ -147,8 +147,7 @@ class ReconSystem(L.LightningModule):
             self.light.build_mips()
         if self.surface is None:
             def material(gb, mask):
-                return self.material(masked_rows(gb["gb_pos"], gb["covered_index"], mask.dim()), smoothness=smoothness,
-                                     generator=generator)
+                return self.material(gb["covered_pos"], smoothness=smoothness, generator=generator)
         else:
             def material(gb, mask):  # looked up at the covered pixels alone
                 sel = gb["covered_index"]

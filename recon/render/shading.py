@@ -177,7 +177,8 @@ def render_pbr(
     else `reference_tangent`. mvp: [B,4,4]; cam_pos: [B,3] world space. material(gb, mask) returns ``kd``,
     ``ks``, ``nrm`` (and optionally ``kd_grad`` [N,1]) for the N covered pixels, each [N,3] (in the order of
     ``gb["covered_index"]``, `recon.gather.mask_index` of the mask, which equals ``x[mask]``), or as images
-    [B,H,W,C] (a texture lookup). Returns the G-buffers plus ``rgb`` [B,H,W,3] linear HDR premultiplied by
+    [B,H,W,C] (a texture lookup); ``gb["covered_pos"]`` [N,3] holds the covered pixels' positions (the covered rows
+    of ``gb["gb_pos"]``). Returns the G-buffers plus ``rgb`` [B,H,W,3] linear HDR premultiplied by
     coverage, ``alpha`` [B,H,W,1], the material images ``kd``/``ks``/``normal`` [B,H,W,3] (zero where
     uncovered), ``kd_grad`` [B,H,W,1] when the material gives it, ``covered``: ``ks`` [N,3] and ``kd_grad`` [N,1] at
     the covered pixels (what the images hold there, for losses that need no image) and, with ``depth``, ``depth``
@@ -190,25 +191,35 @@ def render_pbr(
     """
     from recon.geometry.mesh import face_normals
 
-    gb = rasterize_gbuffers(rasterizer, mesh, mvp, resolution)
-    mask = gb["mask"]
+    pos_clip = transform_pos(mvp, mesh.verts)
+    rast, rast_db = rasterizer.rasterize(pos_clip, mesh.faces, resolution)
+    mask = rast[..., 3] > 0
     n_pix = mask.shape
-    smooth, _ = rasterizer.interpolate(mesh.normals, gb["rast"], mesh.faces)
+    # position, interpolated normal and (with UV tangents) the tangent frame in one interpolation and one gather
+    framed = mesh.tangents is not None and perturb
+    attrs = [mesh.verts, mesh.normals]
+    if framed:
+        attrs += [mesh.tangents] + ([] if mesh.handedness is None else [mesh.handedness])
+    widths = [a.shape[-1] for a in attrs]
+    image, _ = rasterizer.interpolate(torch.cat(attrs, -1), rast, mesh.faces)
+    gb = {"pos_clip": pos_clip, "rast": rast, "rast_db": rast_db, "mask": mask, "gb_pos": image[..., :3]}
+    if mesh.uv is not None:
+        uv_faces = mesh.uv_faces if mesh.uv_faces is not None else mesh.faces
+        gb["gb_uv"], gb["gb_uv_da"] = rasterizer.interpolate(mesh.uv, rast, uv_faces, rast_db=rast_db, diff_attrs="all")
     sel = gb["covered_index"] = mask_index(mask)  # covered pixels, gathered with index_select (recon.gather)
 
     def covered(t: Tensor) -> Tensor:
         return masked_rows(t, sel, mask.dim())
 
-    pos = covered(gb["gb_pos"])
-    tri = covered(gb["rast"][..., 3]).long() - 1
+    rows = covered(image).split(widths, -1)
+    pos, smooth = rows[0], rows[1]
+    gb["covered_pos"] = pos  # the covered rows of gb_pos, for a material evaluated there
+    tri = covered(rast[..., 3]).long() - 1
     n_geom = take_rows(_normalize(face_normals(mesh.verts, mesh.faces)), tri)
     tangent, hand = None, 1.0
-    if mesh.tangents is not None and perturb:
-        frame = mesh.tangents if mesh.handedness is None else torch.cat([mesh.tangents, mesh.handedness], -1)
-        frame, _ = rasterizer.interpolate(frame, gb["rast"], mesh.faces)
-        frame = covered(frame)
-        tangent = frame[..., :3]
-        hand = torch.where(frame[..., 3:4] < 0, -1.0, 1.0) if frame.shape[-1] == 4 else 1.0
+    if framed:
+        tangent = rows[2]
+        hand = torch.where(rows[3] < 0, -1.0, 1.0) if mesh.handedness is not None else 1.0
     view_pos = take_rows(cam_pos, sel // (n_pix[1] * n_pix[2]))
     if mark is not None:
         mark()
@@ -221,11 +232,11 @@ def render_pbr(
         from recon.render.shading_triton import shading_inputs, split_sum_combine
 
         n_shade, diff_col, spec_col, n_dot_v, reflvec, mip = shading_inputs(
-            nrm_ts, covered(smooth), n_geom, pos, view_pos, tangent, hand, mat["kd"], mat["ks"], light.mip_levels)
+            nrm_ts, smooth, n_geom, pos, view_pos, tangent, hand, mat["kd"], mat["ks"], light.mip_levels)
         irradiance, fg, spec = light.lookups(n_shade, mat["ks"][..., 1:2], n_dot_v, reflvec, mip, rasterizer)
         color = split_sum_combine(irradiance, diff_col, spec, spec_col, fg, mat["ks"])
     else:
-        n_shade = shading_normal(nrm_ts, covered(smooth), n_geom, pos, view_pos, tangent, hand)
+        n_shade = shading_normal(nrm_ts, smooth, n_geom, pos, view_pos, tangent, hand)
         color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
     def image(v: Tensor) -> Tensor:  # covered rows -> [B,H,W,C], zero where uncovered
         return scatter_rows(v, sel, mask.numel()).reshape(*n_pix, -1)
