@@ -40,16 +40,18 @@ def _mesh_steps(surface: FixedTopologyMesh, graphs: bool, steps: int = 3) -> lis
     cuda_graphs.set_enabled(graphs)
     g = torch.Generator(device="cuda").manual_seed(1)
     weights = [torch.randn(surface.initial_verts.shape[0], 3, device="cuda", generator=g) for _ in range(3)]
+    weights.append(torch.randn(surface.faces.shape[0], 3, device="cuda", generator=g))
     opt = torch.optim.Adam(surface.parameters(), lr=1e-3)
     seen = []
     for _ in range(steps):
         mesh = surface()
         lap = surface.laplacian_regularizer()
-        loss = sum((t * w).sum() for t, w in zip((mesh.verts, mesh.normals, mesh.tangents), weights)) + 1e3 * lap
+        outputs = (mesh.verts, mesh.normals, mesh.tangents, mesh.face_normals)
+        loss = sum((t * w).sum() for t, w in zip(outputs, weights)) + 1e3 * lap
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        seen.append([t.detach().clone() for t in (mesh.verts, mesh.normals, mesh.tangents, mesh.handedness, lap,
-                                                  surface.offset.grad)])
+        seen.append([t.detach().clone() for t in (mesh.verts, mesh.normals, mesh.tangents, mesh.handedness,
+                                                  mesh.face_normals, lap, surface.offset.grad)])
         opt.step()
     return seen
 
@@ -64,7 +66,7 @@ def test_fixed_mesh_graphs_match_eager_over_steps():
     found = _mesh_steps(graphed, graphs=True)
     assert eager._graphs.captures("mesh") == 0
     assert graphed._graphs.captures("mesh") == 1 and graphed._graphs.captures("laplacian") == 1
-    names = ("verts", "normals", "tangents", "handedness", "laplacian", "offset grad")
+    names = ("verts", "normals", "tangents", "handedness", "face normals", "laplacian", "offset grad")
     for step, (step_found, step_expected) in enumerate(zip(found, expected)):
         for name, a, b in zip(names, step_found, step_expected):
             _close(a, b, f"step {step} {name}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recon.gather import take_rows
-from recon.geometry.mesh import Mesh, vertex_normals
+from recon.geometry.mesh import Mesh, normals_with_faces
 from recon.geometry.tet_grid import TET_EDGE_CORNERS, make_tet_grid, tet_grid_edges
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,8 @@ class DMTetGeometry(nn.Module):
         ends = edges.reshape(-1)  # both ends of each edge, gathered together
         pos, sdf = self.deformed_verts(ends).view(-1, 2, 3), take_rows(self.sdf, ends).view(-1, 2)
         verts = interpolate_crossings(pos[:, 0], pos[:, 1], sdf[:, 0], sdf[:, 1])
-        return Mesh(verts=verts, faces=faces, normals=vertex_normals(verts, faces))
+        normals, unit_faces = normals_with_faces(verts, faces)
+        return Mesh(verts=verts, faces=faces, normals=normals, face_normals=unit_faces)
 
     def _sdf_state(self) -> tuple[int, int, torch.device]:
         """Identifies the sdf's current values: its parameter, in-place version counter (an optimiser step or a

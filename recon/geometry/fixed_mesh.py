@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from recon.cuda_graphs import GraphCache
-from recon.geometry.mesh import Mesh, laplacian_loss, laplacian_uniform, normals_and_tangents
+from recon.geometry.mesh import Mesh, laplacian_loss, laplacian_uniform, normals_and_tangents, unit_face_normals
 from recon.sparse import SparseOperator
 
 
@@ -42,10 +42,10 @@ class FixedTopologyMesh(nn.Module):
     def forward(self) -> Mesh:
         """The current mesh with area-weighted normals, UV tangents and their handedness (differentiable; while
         training on CUDA through CUDA graphs)."""
-        verts, normals, tangents, sign = self._graphs.call("mesh", _vertex_frames, self.offset, self.initial_verts,
-                                                           self.faces, self.uv, self.uv_faces)
+        verts, normals, tangents, sign, unit_faces = self._graphs.call(
+            "mesh", _vertex_frames, self.offset, self.initial_verts, self.faces, self.uv, self.uv_faces)
         return Mesh(verts=verts, faces=self.faces, normals=normals, uv=self.uv, uv_faces=self.uv_faces,
-                    tangents=tangents, handedness=sign)
+                    tangents=tangents, handedness=sign, face_normals=unit_faces)
 
     def laplacian_regularizer(self) -> Tensor:
         """nvdiffrec's relative Laplacian term: mean squared Laplacian of the offset (penalises local shape change)."""
@@ -64,7 +64,8 @@ class FixedTopologyMesh(nn.Module):
 
 
 def _vertex_frames(offset: Tensor, initial: Tensor, faces: Tensor, uv: Tensor, uv_faces: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Positions ``initial + offset`` and their normals, tangents and handedness (`normals_and_tangents`)."""
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Positions ``initial + offset``, their normals, tangents and handedness (`normals_and_tangents`) and the unit
+    face normals."""
     verts = initial + offset
-    return (verts, *normals_and_tangents(verts, faces, uv, uv_faces))
+    return (verts, *normals_and_tangents(verts, faces, uv, uv_faces), unit_face_normals(verts, faces))

@@ -29,6 +29,21 @@ def face_normals(verts: Tensor, faces: Tensor) -> Tensor:
     return torch.linalg.cross(v1 - v0, v2 - v0, dim=-1)
 
 
+def unit_face_normals(verts: Tensor, faces: Tensor) -> Tensor:
+    """Unit face normals `[Nf,3]` (`face_normals` normalised; a zero-area face's stays finite, near zero)."""
+    return _unit(face_normals(verts, faces))
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v * torch.rsqrt(_dot(v, v).clamp_min(1e-20))
+
+
+def normals_with_faces(verts: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:
+    """`vertex_normals` and `unit_face_normals` from one computation of the face normals."""
+    fn = face_normals(verts, faces)
+    return _unit_normals(_scatter_corners(fn, faces, verts.shape[0])), _unit(fn)
+
+
 def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
     """Area-weighted unit vertex normals `[Nv,3]`, differentiable w.r.t. `verts`.
 
@@ -213,7 +228,8 @@ class Mesh:
     uv: [Nuv,2] texture coordinates in [0,1] with their own index buffer `uv_faces [Nf,3]`
     (as OBJ: a vertex on a UV seam has one position and several UVs);
     tangents: [Nv,3] unit, indexed by `faces` (see `compute_tangents`); handedness: [Nv,1] +-1, the bitangent
-    sign (see `tangent_handedness`).
+    sign (see `tangent_handedness`); face_normals: [Nf,3] unit (`unit_face_normals`), where the geometry computed
+    them anyway (renderers compute them otherwise). A copy with new positions must leave it out.
     """
 
     verts: Tensor
@@ -223,6 +239,7 @@ class Mesh:
     uv_faces: Tensor | None = None
     tangents: Tensor | None = None
     handedness: Tensor | None = None
+    face_normals: Tensor | None = None
 
     @property
     def device(self) -> torch.device:

@@ -189,7 +189,7 @@ def render_pbr(
     material_images: False leaves out the ``kd``/``ks``/``normal``/``kd_grad`` images (a training step's losses take
     ``covered`` instead), which saves their scatters.
     """
-    from recon.geometry.mesh import face_normals
+    from recon.geometry.mesh import unit_face_normals
 
     pos_clip = transform_pos(mvp, mesh.verts)
     rast, rast_db = rasterizer.rasterize(pos_clip, mesh.faces, resolution)
@@ -215,7 +215,8 @@ def render_pbr(
     pos, smooth = rows[0], rows[1]
     gb["covered_pos"] = pos  # the covered rows of gb_pos, for a material evaluated there
     tri = covered(rast[..., 3]).long() - 1
-    n_geom = take_rows(_normalize(face_normals(mesh.verts, mesh.faces)), tri)
+    unit_faces = mesh.face_normals if mesh.face_normals is not None else unit_face_normals(mesh.verts, mesh.faces)
+    n_geom = take_rows(unit_faces, tri)
     tangent, hand = None, 1.0
     if framed:
         tangent = rows[2]

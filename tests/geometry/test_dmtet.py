@@ -352,3 +352,17 @@ def test_surface_cells_are_the_cells_with_corners_on_both_sides():
         corners = torch.stack([occ[i : i + res, j : j + res, k : k + res] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
         expected = (corners.any(0) & ~corners.all(0)).reshape(-1)
         assert torch.equal(geo._surface_cells(inside), expected)
+
+
+def test_surface_carries_its_unit_face_normals():
+    from recon.export.uv_bake import unwrap
+    from recon.geometry.fixed_mesh import FixedTopologyMesh
+    from recon.geometry.mesh import unit_face_normals, vertex_normals
+
+    geo = DMTetGeometry(tet_grid=12)
+    mesh = geo()
+    assert torch.equal(mesh.face_normals, unit_face_normals(mesh.verts, mesh.faces))
+    assert torch.equal(mesh.normals, vertex_normals(mesh.verts, mesh.faces))
+    fixed = FixedTopologyMesh(unwrap(mesh.detach(), resolution=64))()
+    assert torch.equal(fixed.face_normals, unit_face_normals(fixed.verts, fixed.faces))
+    torch.testing.assert_close(fixed.face_normals.norm(dim=-1), torch.ones(fixed.faces.shape[0]))
