@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -217,11 +216,10 @@ def _version(module: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
+    from bench.run import git_commit  # the same rule as the end-to-end benchmark's
+
+    commit = git_commit()
+    return None if commit is None else commit[:7]
 
 
 HEADER = ("| N | points | point grad | backend | forward ms | backward ms | fwd+bwd ms | fwd+bwd vs torch | peak GiB |\n"

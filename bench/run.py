@@ -105,10 +105,22 @@ def cache_state(cfg) -> dict:
             "triton_cache_entries": _entries(Path(triton_dir)), "inductor_cache_entries": _entries(inductor)}
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
+def git_commit(root: Path = ROOT) -> str | None:
+    """The commit of the code being benchmarked: ``$RECON_GIT_COMMIT`` where set (a copy of the tree without its
+    history, e.g. a ``git archive`` of that commit), else ``root``'s HEAD when ``root`` is a repository's top level;
+    None otherwise (a copy nested in some other checkout would report that checkout's commit)."""
+    if os.environ.get("RECON_GIT_COMMIT"):
+        return os.environ["RECON_GIT_COMMIT"]
+
+    def git(*args: str) -> str | None:
+        out = subprocess.run(["git", *args], check=False, cwd=root, capture_output=True, text=True, timeout=10)
         return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top is None or Path(top).resolve() != Path(root).resolve():
+            return None
+        return git("rev-parse", "HEAD")
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -227,3 +227,19 @@ def test_kernel_time_by_launch_site():
     syncs = kernels.sync_table(events, 2)
     assert [(r["stage"], r["call"], r["wait_ms_per_step"], r["calls_per_step"]) for r in syncs] == [
         ("mesh", "aten::nonzero -> cudaStreamSynchronize", 0.2, 1.0), ("loss", "aten::item -> cudaMemcpy", 0.025, 0.5)]
+
+
+def test_git_commit_names_the_benchmarked_tree(tmp_path, monkeypatch):
+    """The repository's HEAD at its top level; nothing for a copy nested in another checkout (which would report the
+    outer checkout's commit); $RECON_GIT_COMMIT for a copy without history."""
+    import subprocess
+
+    monkeypatch.delenv("RECON_GIT_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if head:  # a checkout with its history
+        assert bench.git_commit() == head
+    nested = ROOT / "bench" / "results"  # inside the repository, not its top level
+    assert bench.git_commit(nested) is None
+    assert bench.git_commit(tmp_path) is None  # no repository at all
+    monkeypatch.setenv("RECON_GIT_COMMIT", "0123abc")
+    assert bench.git_commit(nested) == "0123abc"
