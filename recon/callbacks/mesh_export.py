@@ -17,7 +17,7 @@ from recon.color import linear_to_srgb
 from recon.eval.evaluate import RUN_INFO, evaluate_run, format_table
 from recon.export.gltf import write_glb
 from recon.export.hdr import write_hdr
-from recon.export.obj import atomic_write_bytes, encode_textures, linear_to_8bit, normal_to_8bit, texture_to_srgb8, write_textured_obj
+from recon.export.obj import atomic_write_bytes, encode_textures, texture_pixels, write_textured_obj
 from recon.geometry.mesh import Mesh
 from recon.materials.pbr import split_channels
 
@@ -55,9 +55,7 @@ def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_l
             write_hdr(stage / "probe.hdr", light_latlong)
         orm = torch.cat([1 - ch["ks"][..., 0:1], ch["ks"][..., 1:3]], -1)
         # the albedo and normal maps are the same PNGs in both files: encoded once, with the others, in threads
-        pixels = {"kd": lambda: texture_to_srgb8(ch["kd"]), "ks": lambda: linear_to_8bit(ch["ks"]),
-                  "orm": lambda: linear_to_8bit(orm), "normal": lambda: normal_to_8bit(ch["nrm"])}
-        pngs = dict(zip(pixels, encode_textures(list(pixels), lambda name: pixels[name]())))
+        pngs = encode_textures(texture_pixels(ch["kd"], ks=ch["ks"], orm=orm, normal_ts=ch["nrm"]))
         with ThreadPoolExecutor(2) as pool:  # the GLB's buffers and the OBJ's text side by side
             jobs = [pool.submit(write_glb, stage / "mesh.glb", mesh, ch["kd"], orm, ch["nrm"], pngs=pngs),
                     pool.submit(write_textured_obj, stage, mesh, ch["kd"], ks=ch["ks"], normal_ts=ch["nrm"],

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon.export.obj import atomic_write_bytes, encode_textures, image_tensor, linear_to_8bit, normal_to_8bit, texture_to_srgb8
+from recon.export.obj import atomic_write_bytes, encode_textures, image_tensor, texture_pixels
 from recon.geometry.mesh import Mesh, compute_tangents, tangent_handedness, vertex_normals
 
 # glTF 2.0 enums (spec section 5: accessor.componentType, bufferView.target, sampler filters and wraps).
@@ -117,14 +117,13 @@ def glb_bytes(
                           "count": len(tan), "type": "VEC4"})
         attributes["TANGENT"] = len(accessors) - 1
 
-    names = ["kd"] + (["orm"] if orm_linear is not None else []) + (["normal"] if normal_ts is not None else [])
-    pixels = {"kd": lambda: texture_to_srgb8(_image(kd_linear, "kd_linear")),
-              "orm": lambda: linear_to_8bit(_image(orm_linear, "orm_linear")),
-              "normal": lambda: normal_to_8bit(_image(normal_ts, "normal_ts"))}
-    # texture i uses image i, in the order of names; the PNGs are encoded together, in threads
+    pixels = texture_pixels(_image(kd_linear, "kd_linear"),
+                            orm=None if orm_linear is None else _image(orm_linear, "orm_linear"),
+                            normal_ts=None if normal_ts is None else _image(normal_ts, "normal_ts"))
+    # texture i uses image i, in the order of pixels; the PNGs are encoded together, in threads
     images = [{"bufferView": bin_.add(data), "mimeType": "image/png", "name": name}
-              for name, data in zip(names, encode_textures(names, lambda name: pixels[name](), pngs))]
-    index = {name: i for i, name in enumerate(names)}
+              for name, data in encode_textures(pixels, pngs).items()]
+    index = {name: i for i, name in enumerate(pixels)}
 
     pbr: dict = {"baseColorTexture": {"index": index["kd"]}}
     material: dict = {"name": "recon_material", "pbrMetallicRoughness": pbr}

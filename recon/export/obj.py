@@ -72,14 +72,23 @@ def png_bytes_all(images: list[np.ndarray]) -> list[bytes]:
     return thread_map(png_bytes, images)
 
 
-def encode_textures(names: list[str], pixels: Callable[[str], np.ndarray],
-                    pngs: Mapping[str, bytes] | None = None) -> list[bytes]:
-    """PNG bytes of the textures ``names``, in order: from ``pngs`` where it has them (encoded once for several
-    files), else ``pixels(name)`` encoded, in threads."""
+def texture_pixels(kd_linear: Tensor, ks: Tensor | None = None, orm: Tensor | None = None,
+                   normal_ts: Tensor | None = None) -> dict[str, Callable[[], np.ndarray]]:
+    """The 8-bit pixels of each texture given, as recon's files store them, made when called: ``kd`` sRGB, ``ks``
+    and ``orm`` linear, ``normal`` as (n + 1) / 2; keyed by those names, in that order."""
+    textures = {"kd": (texture_to_srgb8, kd_linear), "ks": (linear_to_8bit, ks), "orm": (linear_to_8bit, orm),
+                "normal": (normal_to_8bit, normal_ts)}
+    return {name: (lambda fn=fn, t=t: fn(t)) for name, (fn, t) in textures.items() if t is not None}
+
+
+def encode_textures(pixels: Mapping[str, Callable[[], np.ndarray]],
+                    pngs: Mapping[str, bytes] | None = None) -> dict[str, bytes]:
+    """PNG bytes of each texture of ``pixels`` (`texture_pixels`), in its order: from ``pngs`` where it has them
+    (encoded once for several files), else encoded, in threads."""
     pngs = pngs or {}
-    todo = [name for name in names if name not in pngs]
-    fresh = dict(zip(todo, png_bytes_all([pixels(name) for name in todo])))
-    return [pngs[name] if name in pngs else fresh[name] for name in names]
+    todo = [name for name in pixels if name not in pngs]
+    fresh = dict(zip(todo, png_bytes_all([pixels[name]() for name in todo])))
+    return {name: pngs[name] if name in pngs else fresh[name] for name in pixels}
 
 
 def texture_to_srgb8(texture_linear: Tensor) -> np.ndarray:
@@ -156,9 +165,7 @@ def write_textured_obj(
     if normal_ts is not None:
         files["normal"] = "texture_n.png"
         mtl += "bump texture_n.png\nnorm texture_n.png\n"
-    pixels = {"kd": lambda: texture_to_srgb8(kd_linear), "ks": lambda: linear_to_8bit(ks),
-              "normal": lambda: normal_to_8bit(normal_ts)}
-    for texture, data in zip(files, encode_textures(list(files), lambda texture: pixels[texture](), pngs)):
+    for texture, data in encode_textures(texture_pixels(kd_linear, ks=ks, normal_ts=normal_ts), pngs).items():
         atomic_write_bytes(out_dir / files[texture], data)
     atomic_write_bytes(out_dir / f"{name}.mtl", mtl.encode())
     obj_path = out_dir / f"{name}.obj"

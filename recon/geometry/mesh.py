@@ -31,17 +31,19 @@ def face_normals(verts: Tensor, faces: Tensor) -> Tensor:
 
 def unit_face_normals(verts: Tensor, faces: Tensor) -> Tensor:
     """Unit face normals `[Nf,3]` (`face_normals` normalised; a zero-area face's stays finite, near zero)."""
-    return _unit(face_normals(verts, faces))
+    return normalized(face_normals(verts, faces))
 
 
-def _unit(v: Tensor) -> Tensor:
+def normalized(v: Tensor) -> Tensor:
+    """v / |v| along the last dim by one reciprocal square root (zero vectors stay finite, near zero); the
+    normalisation of the shading code's hot paths (`safe_normalize` divides instead)."""
     return v * torch.rsqrt(_dot(v, v).clamp_min(1e-20))
 
 
 def normals_with_faces(verts: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:
     """`vertex_normals` and `unit_face_normals` from one computation of the face normals."""
     fn = face_normals(verts, faces)
-    return _unit_normals(_scatter_corners(fn, faces, verts.shape[0])), _unit(fn)
+    return _unit_normals(_scatter_corners(fn, faces, verts.shape[0])), normalized(fn)
 
 
 def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:

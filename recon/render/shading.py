@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -10,20 +10,27 @@ from torch import Tensor
 from recon.compiled import fused
 from recon.gather import mask_index, masked_rows, scatter_rows, take_rows
 from recon.geometry.mesh import Mesh
+from recon.geometry.mesh import normalized as _normalize  # noqa: I001 (the name the shading code uses)
 from recon.optional import triton_importable
 from recon.render.camera import transform_pos
 
 
-def rasterize_gbuffers(rasterizer, mesh: Mesh, mvp: Tensor, resolution: tuple[int, int]) -> dict:
+def rasterize_gbuffers(rasterizer, mesh: Mesh, mvp: Tensor, resolution: tuple[int, int],
+                       extra: Sequence[Tensor] = ()) -> dict:
     """Rasterize ``mesh`` from cameras ``mvp`` [B,4,4] and interpolate the G-buffers.
 
     Returns a dict: ``pos_clip`` [B,Nv,4], ``rast``/``rast_db`` [B,H,W,4], ``mask`` [B,H,W] bool,
     ``gb_pos`` [B,H,W,3] world space; with UVs on the mesh also ``gb_uv`` [B,H,W,2] and ``gb_uv_da`` [B,H,W,4].
+    extra: more per-vertex attributes [Nv,C_i], interpolated in the same call as the positions: ``gb_attrs``
+    [B,H,W,3+sum C_i] holds the positions and then them (``gb_pos`` is its first three channels).
     """
     pos_clip = transform_pos(mvp, mesh.verts)
     rast, rast_db = rasterizer.rasterize(pos_clip, mesh.faces, resolution)
-    gb_pos, _ = rasterizer.interpolate(mesh.verts, rast, mesh.faces)
-    out = {"pos_clip": pos_clip, "rast": rast, "rast_db": rast_db, "mask": rast[..., 3] > 0, "gb_pos": gb_pos}
+    image, _ = rasterizer.interpolate(torch.cat([mesh.verts, *extra], -1) if extra else mesh.verts, rast, mesh.faces)
+    out = {"pos_clip": pos_clip, "rast": rast, "rast_db": rast_db, "mask": rast[..., 3] > 0,
+           "gb_pos": image[..., :3] if extra else image}
+    if extra:
+        out["gb_attrs"] = image
     if mesh.uv is not None:
         uv_faces = mesh.uv_faces if mesh.uv_faces is not None else mesh.faces
         out["gb_uv"], out["gb_uv_da"] = rasterizer.interpolate(mesh.uv, rast, uv_faces, rast_db=rast_db, diff_attrs="all")
@@ -87,10 +94,6 @@ NORMAL_THRESHOLD = 0.1  # nvdiffrec's: below this cos(view, shading normal) the 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1, keepdim=True)
-
-
-def _normalize(v: Tensor) -> Tensor:
-    return v * torch.rsqrt(_dot(v, v).clamp_min(1e-20))
 
 
 def reference_tangent(n: Tensor) -> Tensor:
@@ -191,27 +194,20 @@ def render_pbr(
     """
     from recon.geometry.mesh import unit_face_normals
 
-    pos_clip = transform_pos(mvp, mesh.verts)
-    rast, rast_db = rasterizer.rasterize(pos_clip, mesh.faces, resolution)
-    mask = rast[..., 3] > 0
-    n_pix = mask.shape
     # position, interpolated normal and (with UV tangents) the tangent frame in one interpolation and one gather
     framed = mesh.tangents is not None and perturb
-    attrs = [mesh.verts, mesh.normals]
+    extra = [mesh.normals]
     if framed:
-        attrs += [mesh.tangents] + ([] if mesh.handedness is None else [mesh.handedness])
-    widths = [a.shape[-1] for a in attrs]
-    image, _ = rasterizer.interpolate(torch.cat(attrs, -1), rast, mesh.faces)
-    gb = {"pos_clip": pos_clip, "rast": rast, "rast_db": rast_db, "mask": mask, "gb_pos": image[..., :3]}
-    if mesh.uv is not None:
-        uv_faces = mesh.uv_faces if mesh.uv_faces is not None else mesh.faces
-        gb["gb_uv"], gb["gb_uv_da"] = rasterizer.interpolate(mesh.uv, rast, uv_faces, rast_db=rast_db, diff_attrs="all")
+        extra += [mesh.tangents] + ([] if mesh.handedness is None else [mesh.handedness])
+    gb = rasterize_gbuffers(rasterizer, mesh, mvp, resolution, extra)
+    mask, rast = gb["mask"], gb["rast"]
+    n_pix = mask.shape
     sel = gb["covered_index"] = mask_index(mask)  # covered pixels, gathered with index_select (recon.gather)
 
     def covered(t: Tensor) -> Tensor:
         return masked_rows(t, sel, mask.dim())
 
-    rows = covered(image).split(widths, -1)
+    rows = covered(gb["gb_attrs"]).split([3] + [a.shape[-1] for a in extra], -1)
     pos, smooth = rows[0], rows[1]
     gb["covered_pos"] = pos  # the covered rows of gb_pos, for a material evaluated there
     tri = covered(rast[..., 3]).long() - 1
