@@ -107,7 +107,9 @@ class RenderConfig:
     backend: str = "auto"                 # auto | torch | nvdiffrast
     compile: str = "off"                  # torch.compile the shading and losses: off | auto (CUDA) | on
     fused_shading: bool = True            # CUDA: the per-pixel shading as Triton kernels (recon/render/shading_triton.py)
-    cuda_graphs: bool = True              # CUDA training: the light's mips and pass 2's mesh as CUDA graphs (recon/cuda_graphs.py)
+    cuda_graphs: bool = True              # CUDA training: the light's mips, pass 2's mesh and shading as CUDA graphs (recon/cuda_graphs.py)
+    graph_shading: bool = True            # pass 2's shading after the rasterization as one CUDA graph (with cuda_graphs)
+    graph_margin: float = 0.15            # pass 2's graphed shading: rows above the most covered pixels seen (recon/render/graphed.py)
 
 
 @dataclass

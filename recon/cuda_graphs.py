@@ -102,6 +102,15 @@ class GraphCache:
             graph = self._graphs[name] = _Graphed(name)
         return tuple(graph(fn, *args))
 
+    def failed(self, name: str) -> bool:
+        """Whether capturing ``name`` failed (it runs eagerly from then on)."""
+        graph = self._graphs.get(name)
+        return graph is not None and graph.failed
+
+    def drop(self, name: str) -> None:
+        """Forget ``name``'s graphs (and free their memory once nothing else holds it)."""
+        self._graphs.pop(name, None)
+
     def captures(self, name: str) -> int:
         """How many times ``name`` was captured (0: it never ran through graphs)."""
         graph = self._graphs.get(name)

@@ -32,6 +32,7 @@ from recon.materials.pbr import NeuralPBRMaterial, TexturePBRMaterial, channel_b
 from recon.nonfinite import NonFiniteGuard, NonFiniteReport
 from recon.render import make_rasterizer
 from recon.render.background import view_noise
+from recon.render.graphed import GraphedPBR, texture_material
 from recon.render.shading import render_pbr
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class ReconSystem(L.LightningModule):
         self.render_cfg, self.loss_cfg, self.optim_cfg, self.bake_cfg = dict(render), dict(loss), dict(optim), dict(bake)
         compiled.set_mode(self.render_cfg.get("compile", "off"))
         cuda_graphs.set_enabled(bool(self.render_cfg.get("cuda_graphs", True)))
+        self.pass2_renderer = GraphedPBR(margin=float(self.render_cfg.get("graph_margin", 0.15)))
         self.pass1_steps, self.pass2_steps = int(pass1_steps), int(pass2_steps)
         if self.pass1_steps <= 0 or self.pass2_steps < 0:
             raise ValueError(f"model.pass1_steps={pass1_steps} must be > 0 and model.pass2_steps={pass2_steps} >= 0.")
@@ -145,17 +147,20 @@ class ReconSystem(L.LightningModule):
             mark()
         if self.light.specular is None:
             self.light.build_mips()
+        fused_shading = bool(self.render_cfg.get("fused_shading", True))
+        if self.surface is not None and not (material_images or depth) and self.render_cfg.get("graph_shading", True):
+            # a pass-2 training step: the shading after the rasterization through CUDA graphs where they apply
+            out = self.pass2_renderer.render(self.rasterizer, mesh, mvp, cam_pos, resolution, self.textures, self.light,
+                                             perturb=self.perturb_normal, fused=fused_shading, mark=mark)
+            out["mesh"] = mesh
+            return out
         if self.surface is None:
             def material(gb, mask):
                 return self.material(gb["covered_pos"], smoothness=smoothness, generator=generator)
         else:
-            def material(gb, mask):  # looked up at the covered pixels alone
-                sel = gb["covered_index"]
-                return self.textures(self.rasterizer, masked_rows(gb["gb_uv"], sel, mask.dim()),
-                                     masked_rows(gb["gb_uv_da"], sel, mask.dim()))
+            material = texture_material(self.textures, self.rasterizer)  # looked up at the covered pixels alone
         out = render_pbr(self.rasterizer, mesh, mvp, cam_pos, resolution, material, self.light, depth=depth,
-                         perturb=self.perturb_normal, mark=mark, fused=bool(self.render_cfg.get("fused_shading", True)),
-                         material_images=material_images)
+                         perturb=self.perturb_normal, mark=mark, fused=fused_shading, material_images=material_images)
         out["mesh"] = mesh
         return out
 

@@ -7,7 +7,9 @@ Everything here is plain torch, differentiable w.r.t. the cube, on whatever devi
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -310,6 +312,17 @@ class EnvironmentLight(nn.Module):
         CUDA through CUDA graphs, `recon.cuda_graphs`: the chain's shapes never change)."""
         levels = self._graphs.call("light mips", self._mip_chain, self.base)
         self.specular, self.diffuse = [self.base, *levels[:-1]], levels[-1]
+
+    @contextlib.contextmanager
+    def using(self, specular: Sequence[Tensor], diffuse: Tensor, lut: Tensor) -> Iterator[None]:
+        """Shade with these mips and BSDF table instead of the light's own for the block (then restore them): a
+        function captured as a CUDA graph reads the tensors it is given, not the ones the light holds then."""
+        saved = self.specular, self.diffuse, self.lut
+        self.specular, self.diffuse, self.lut = list(specular), diffuse, lut
+        try:
+            yield
+        finally:
+            self.specular, self.diffuse, self.lut = saved
 
     def _mip_chain(self, base: Tensor) -> tuple[Tensor, ...]:
         """Specular levels 1..L-1 and the diffuse irradiance cube of cube map ``base``."""

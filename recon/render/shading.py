@@ -26,6 +26,12 @@ def rasterize_gbuffers(rasterizer, mesh: Mesh, mvp: Tensor, resolution: tuple[in
     """
     pos_clip = transform_pos(mvp, mesh.verts)
     rast, rast_db = rasterizer.rasterize(pos_clip, mesh.faces, resolution)
+    return interpolate_gbuffers(rasterizer, mesh, pos_clip, rast, rast_db, extra)
+
+
+def interpolate_gbuffers(rasterizer, mesh: Mesh, pos_clip: Tensor, rast: Tensor, rast_db: Tensor,
+                         extra: Sequence[Tensor] = ()) -> dict:
+    """`rasterize_gbuffers` after the rasterization: its G-buffers from the rasterizer's outputs."""
     image, _ = rasterizer.interpolate(torch.cat([mesh.verts, *extra], -1) if extra else mesh.verts, rast, mesh.faces)
     out = {"pos_clip": pos_clip, "rast": rast, "rast_db": rast_db, "mask": rast[..., 3] > 0,
            "gb_pos": image[..., :3] if extra else image}
@@ -173,6 +179,7 @@ def render_pbr(
     mark: Callable[[], None] | None = None,
     fused: bool = False,
     material_images: bool = True,
+    capacity: int | None = None,
 ) -> dict:
     """Split-sum PBR render of ``mesh`` under an `EnvironmentLight` (its mips built).
 
@@ -191,18 +198,74 @@ def render_pbr(
     CUDA tensors; Triton's interpreter in tests), with the same values and gradients.
     material_images: False leaves out the ``kd``/``ks``/``normal``/``kd_grad`` images (a training step's losses take
     ``covered`` instead), which saves their scatters.
+    capacity: shade a fixed number of rows instead of exactly the covered pixels (see `shade_gbuffers`): every
+    shape then stays the same from call to call, as a CUDA graph needs.
+    """
+    gb = rasterize_gbuffers(rasterizer, mesh, mvp, resolution, shading_attributes(mesh, perturb))
+    return shade_gbuffers(rasterizer, mesh, gb, cam_pos, material, light, antialias=antialias, depth=depth,
+                          perturb=perturb, mark=mark, fused=fused, material_images=material_images, capacity=capacity)
+
+
+def shading_attributes(mesh: Mesh, perturb: bool = True) -> list[Tensor]:
+    """The per-vertex attributes `shade_gbuffers` needs interpolated besides the positions (``extra`` of
+    `rasterize_gbuffers`): the normals and, for a UV tangent frame, the tangents and their handedness."""
+    extra = [mesh.normals]
+    if mesh.tangents is not None and perturb:
+        extra += [mesh.tangents] + ([] if mesh.handedness is None else [mesh.handedness])
+    return extra
+
+
+def covered_rows(mask: Tensor, capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Which pixels a render shades: (``gather`` [N], ``place`` [N], ``valid`` [N,1] or None).
+
+    Without a capacity, N is the number of covered pixels, ``gather`` = ``place`` = `mask_index` of ``mask``, and
+    ``valid`` is None. With one, N = capacity: the covered pixels' positions in order (`torch.nonzero_static`, no
+    host sync), then padding rows placed at ``mask.numel()`` (one row past the image, dropped after scattering) and
+    gathered from the last pixel; ``valid`` is 1 for covered rows and 0 for padding. Covered pixels beyond the
+    capacity are left out (the caller checks ``mask.sum()`` against it).
+    """
+    if capacity is None:
+        index = mask_index(mask)
+        return index, index, None
+    n = mask.numel()
+    place = torch.nonzero_static(mask.reshape(-1), size=int(capacity), fill_value=n).squeeze(1)
+    valid = (place < n)[:, None]
+    return place.clamp_max(n - 1), place, valid
+
+
+def shade_gbuffers(
+    rasterizer,
+    mesh: Mesh,
+    gb: dict,
+    cam_pos: Tensor,
+    material: Callable[[dict, Tensor], dict],
+    light,
+    antialias: bool = True,
+    depth: bool = False,
+    perturb: bool = True,
+    mark: Callable[[], None] | None = None,
+    fused: bool = False,
+    material_images: bool = True,
+    capacity: int | None = None,
+) -> dict:
+    """`render_pbr` after the rasterization: ``gb`` is `rasterize_gbuffers`'s output for ``mesh`` with ``extra`` =
+    `shading_attributes` (the same ``perturb``). Shades the covered pixels and fills ``gb`` as `render_pbr` returns it.
+
+    capacity: shade exactly that many rows (`covered_rows`): the covered pixels and padding rows, whose values
+    reach no image and whose rows of ``covered`` are zero. ``gb["covered_index"]`` then holds a pixel for every row
+    (padding rows: the last pixel) and ``gb["covered_valid"]`` [N,1] marks the covered ones; ``gb["covered_count"]``
+    is ``mask.sum()``, more than the capacity when pixels were left out.
     """
     from recon.geometry.mesh import unit_face_normals
 
-    # position, interpolated normal and (with UV tangents) the tangent frame in one interpolation and one gather
     framed = mesh.tangents is not None and perturb
-    extra = [mesh.normals]
-    if framed:
-        extra += [mesh.tangents] + ([] if mesh.handedness is None else [mesh.handedness])
-    gb = rasterize_gbuffers(rasterizer, mesh, mvp, resolution, extra)
+    extra = shading_attributes(mesh, perturb)
     mask, rast = gb["mask"], gb["rast"]
     n_pix = mask.shape
-    sel = gb["covered_index"] = mask_index(mask)  # covered pixels, gathered with index_select (recon.gather)
+    sel, place, valid = covered_rows(mask, capacity)  # covered pixels, gathered with index_select (recon.gather)
+    gb["covered_index"] = sel
+    if valid is not None:
+        gb["covered_valid"], gb["covered_count"] = valid, mask.sum()
 
     def covered(t: Tensor) -> Tensor:
         return masked_rows(t, sel, mask.dim())
@@ -211,6 +274,8 @@ def render_pbr(
     pos, smooth = rows[0], rows[1]
     gb["covered_pos"] = pos  # the covered rows of gb_pos, for a material evaluated there
     tri = covered(rast[..., 3]).long() - 1
+    if valid is not None:
+        tri = tri.clamp_min(0)  # padding rows may gather an uncovered pixel (triangle id 0)
     unit_faces = mesh.face_normals if mesh.face_normals is not None else unit_face_normals(mesh.verts, mesh.faces)
     n_geom = take_rows(unit_faces, tri)
     tangent, hand = None, 1.0
@@ -235,18 +300,23 @@ def render_pbr(
     else:
         n_shade = shading_normal(nrm_ts, smooth, n_geom, pos, view_pos, tangent, hand)
         color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
+    rows_out = mask.numel() + (valid is not None)  # padding rows land in one extra row, dropped here
+
     def image(v: Tensor) -> Tensor:  # covered rows -> [B,H,W,C], zero where uncovered
-        return scatter_rows(v, sel, mask.numel()).reshape(*n_pix, -1)
+        return scatter_rows(v, place, rows_out)[: mask.numel()].reshape(*n_pix, -1)
+
+    def only_valid(v: Tensor) -> Tensor:
+        return v if valid is None else v * valid
 
     # one image per quantity: slices of a joint image would each take a full-image zero fill and copy in backward
     gb["rgb"], gb["alpha"] = with_coverage(rasterizer, image(color), gb, mesh.faces, antialias)
     if material_images:
         gb["kd"], gb["ks"], gb["normal"] = image(mat["kd"]), image(mat["ks"]), image(n_shade)
-    gb["covered"] = {"ks": mat["ks"]}
+    gb["covered"] = {"ks": only_valid(mat["ks"])}
     if "kd_grad" in mat:
         if material_images:
             gb["kd_grad"] = image(mat["kd_grad"])
-        gb["covered"]["kd_grad"] = mat["kd_grad"]
+        gb["covered"]["kd_grad"] = only_valid(mat["kd_grad"])
     if depth:
         gb["depth"], _ = rasterizer.interpolate(gb["pos_clip"][..., 3:4].contiguous(), gb["rast"], mesh.faces)
     if mark is not None:

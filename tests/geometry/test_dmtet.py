@@ -311,8 +311,10 @@ def _bounded_and_exact_steps(device: str, grid: int = 24, steps: int = 4) -> Non
             loss.backward()
             results.append((mesh.verts.detach(), mesh.faces, mesh.normals.detach(), geo.sdf.grad, geo.deform.grad,
                             loss.detach()))
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        for k, (a, b) in enumerate(zip(*results)):
+            # the vertex normals are sums scattered in any order on CUDA: equal to float rounding (1e-5 measured)
+            tol = 1e-4 if k == 2 else 1e-6
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         assert bounded._capacity is not None and exact._capacity is None
         with torch.no_grad():
             d = 0.05 * torch.randn(bounded.sdf.shape, generator=g, device=device)

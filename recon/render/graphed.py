@@ -1,0 +1,166 @@
+"""Training renders of a fixed mesh (pass 2) with everything after the rasterization replayed as one CUDA graph.
+
+In pass 2 the mesh's topology, the textures, the light and the image size never change; only the number of covered
+pixels does. `GraphedPBR` shades a fixed number of rows instead (``capacity``: the covered pixels, then padding rows
+that reach no image and no loss, `recon.render.shading.covered_rows`), so every shape is fixed and the G-buffer
+interpolation, material lookups, shading and antialiasing, forward and backward, run as two graph launches
+(`recon.cuda_graphs`) where the host issued about a hundred operations and their autograd nodes. The rasterization
+stays outside: nvdiffrast's rasterizer waits for the GPU to size its buffers, which a graph cannot hold.
+
+The capacity follows the data: the first ``eager_steps`` renders run eagerly and measure the covered pixels of each
+batch; the capacity is their maximum plus ``margin``, rounded up. Each graphed render copies its covered-pixel count
+to the host without waiting, and the next render checks it: a batch that covered more pixels than the capacity logs
+a warning and raises the capacity (captured again) for the following steps. That batch's left-out pixels were not
+shaded (they rendered as uncovered in colour, covered in alpha), one step's error.
+
+Values and gradients equal `render_pbr`'s up to float rounding (tests/test_graphed_shading*.py). Where the graphs do
+not apply (off CUDA, ``model.render.cuda_graphs=false``, no gradients) `render` is `render_pbr`. Plain torch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from recon import cuda_graphs
+from recon.gather import masked_rows
+from recon.geometry.mesh import Mesh
+from recon.render.camera import transform_pos
+from recon.render.shading import interpolate_gbuffers, render_pbr, shade_gbuffers, shading_attributes
+
+log = logging.getLogger(__name__)
+MESH_FIELDS = ("verts", "faces", "normals", "uv", "uv_faces", "tangents", "handedness", "face_normals")
+
+
+def texture_material(textures: nn.Module, rasterizer) -> Callable[[dict, Tensor], dict]:
+    """`render_pbr`'s material from a UV texture module called as ``textures(rasterizer, uv, uv_da)``
+    (`TexturePBRMaterial`), looked up at the covered pixels alone."""
+    def material(gb: dict, mask: Tensor) -> dict:
+        return textures(rasterizer, *_uv_rows(gb, mask))
+
+    return material
+
+
+class GraphedPBR:
+    """`render_pbr` for training on a fixed mesh with a UV texture material, graphed after the rasterization.
+
+    eager_steps: renders measured eagerly before the first capture. margin: capacity above the largest covered
+    count seen (0.15: 15 % more rows). granularity: the capacity is a multiple of this many rows.
+    """
+
+    def __init__(self, eager_steps: int = 10, margin: float = 0.15, granularity: int = 16384):
+        if eager_steps < 1 or margin < 0 or granularity < 1:
+            raise ValueError(f"GraphedPBR(eager_steps={eager_steps}, margin={margin}, granularity={granularity}): "
+                             "eager_steps and granularity must be >= 1 and margin >= 0.")
+        self.eager_steps, self.margin, self.granularity = int(eager_steps), float(margin), int(granularity)
+        self.capacity: int | None = None
+        self.largest = 0  # most covered pixels of one render seen so far
+        self.measured = 0  # renders measured (eager, or checked after a replay)
+        self.overflows = 0  # graphed renders that covered more pixels than the capacity
+        self._graphs = cuda_graphs.GraphCache()
+        self._count: Tensor | None = None  # pinned host copy of the last replay's covered count
+        self._count_ready: torch.cuda.Event | None = None
+
+    def __deepcopy__(self, memo) -> GraphedPBR:
+        return GraphedPBR(self.eager_steps, self.margin, self.granularity)
+
+    def __getstate__(self) -> dict:
+        return {"eager_steps": self.eager_steps, "margin": self.margin, "granularity": self.granularity}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def _capacity_for(self, count: int) -> int:
+        return max(self.granularity, math.ceil(count * (1 + self.margin) / self.granularity) * self.granularity)
+
+    def _observe(self, count: int) -> None:
+        self.largest = max(self.largest, int(count))
+        self.measured += 1
+
+    def _check_previous(self) -> None:
+        """Reads the last replay's covered count once it has reached the host; raises the capacity if it overflowed."""
+        if self._count_ready is None or not self._count_ready.query():
+            return
+        count = int(self._count.item())  # a pinned host tensor: no device sync
+        self._count_ready = None
+        self._observe(count)
+        if self.capacity is not None and count > self.capacity:
+            self.overflows += 1
+            grown = self._capacity_for(count)
+            log.warning("a training batch covered %d pixels, more than the %d rows its CUDA graph shades; the "
+                        "pixels beyond were left unshaded for that step. Capturing again with %d rows.",
+                        count, self.capacity, grown)
+            self._graphs.drop(f"shade {self.capacity}")
+            self.capacity = grown
+
+    def render(self, rasterizer, mesh: Mesh, mvp: Tensor, cam_pos: Tensor, resolution: tuple[int, int],
+               textures: nn.Module, light, perturb: bool = True, fused: bool = False,
+               mark: Callable[[], None] | None = None) -> dict:
+        """A training render (`render_pbr` with ``material_images=False``, the material `texture_material`).
+
+        Returns ``rgb``, ``alpha``, ``covered`` (``ks``) and ``covered_index`` (with a capacity also
+        ``covered_valid``) as `render_pbr` does; the graphed path returns only those (and ``pos_clip``)."""
+        material = texture_material(textures, rasterizer)
+        params = dict(textures.named_parameters())
+        light_tensors = (*light.specular, light.diffuse, light.lut)
+        fields = [(k, getattr(mesh, k)) for k in MESH_FIELDS if getattr(mesh, k) is not None]
+        graphs = cuda_graphs.applies((mesh.verts, cam_pos, *params.values(), *light_tensors))
+        if not graphs or self._graphs.failed(f"shade {self.capacity}") or (
+                self.capacity is None and self.measured < self.eager_steps):
+            out = render_pbr(rasterizer, mesh, mvp, cam_pos, resolution, material, light, perturb=perturb, mark=mark,
+                             fused=fused, material_images=False)
+            if graphs:  # measuring the covered pixels (or the capture failed): a host int here
+                self._observe(out["covered_index"].shape[0])
+            return out
+        pos_clip = transform_pos(mvp, mesh.verts)
+        rast, rast_db = rasterizer.rasterize(pos_clip, mesh.faces, resolution)
+        if mark is not None:
+            mark()
+        self._check_previous()  # the rasterizer has waited for the GPU: the last count is on the host
+        if self.capacity is None:
+            self.capacity = self._capacity_for(self.largest)
+            log.info("pass-2 shading through CUDA graphs, %d rows per step (largest batch seen: %d covered pixels)",
+                     self.capacity, self.largest)
+        capacity, n_fields, n_params = self.capacity, len(fields), len(params)
+        names = [k for k, _ in fields]
+
+        def shade(rast: Tensor, rast_db: Tensor, pos_clip: Tensor, cam_pos: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+            m = Mesh(**dict(zip(names, rest[:n_fields])))
+            p = dict(zip(params, rest[n_fields:n_fields + n_params]))
+            *spec, diffuse, lut = rest[n_fields + n_params:]
+            with light.using(spec, diffuse, lut):
+                gb = interpolate_gbuffers(rasterizer, m, pos_clip, rast, rast_db, shading_attributes(m, perturb))
+                out = shade_gbuffers(rasterizer, m, gb, cam_pos,
+                                     lambda g, mask: functional_call(textures, p, (rasterizer,) + _uv_rows(g, mask)),
+                                     light, perturb=perturb, fused=fused, material_images=False, capacity=capacity)
+            return (out["rgb"], out["alpha"], out["covered"]["ks"], out["covered_index"], out["covered_valid"],
+                    out["covered_count"])
+
+        args = (rast, rast_db, pos_clip, cam_pos, *(t for _, t in fields), *params.values(), *light_tensors)
+        rgb, alpha, ks, index, valid, count = self._graphs.call(f"shade {capacity}", shade, *args)
+        self._send_count(count)
+        if mark is not None:
+            mark()
+            mark()
+        return {"rgb": rgb, "alpha": alpha, "covered": {"ks": ks}, "covered_index": index, "covered_valid": valid,
+                "pos_clip": pos_clip}
+
+    def _send_count(self, count: Tensor) -> None:
+        """Start copying this render's covered count to the host (read by the next render, `_check_previous`)."""
+        if not count.is_cuda:
+            return
+        if self._count is None:
+            self._count = torch.empty((), dtype=count.dtype, pin_memory=True)
+        self._count.copy_(count, non_blocking=True)
+        self._count_ready = torch.cuda.Event()
+        self._count_ready.record()
+
+
+def _uv_rows(gb: dict, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The UVs and their derivatives at the rows the render shades (``gb["covered_index"]``)."""
+    sel = gb["covered_index"]
+    return masked_rows(gb["gb_uv"], sel, mask.dim()), masked_rows(gb["gb_uv_da"], sel, mask.dim())

@@ -1,0 +1,96 @@
+"""Pass 2's graphed shading on CUDA (nvdiffrast): the renders, losses and gradients of `GraphedPBR` equal the eager
+`render_pbr`'s step after step, it captures once, and a batch covering more pixels than its capacity raises the
+capacity (marked `gpu`)."""
+import math
+
+import pytest
+import torch
+import trimesh
+
+from recon import cuda_graphs
+from recon.export.uv_bake import unwrap
+from recon.geometry.fixed_mesh import FixedTopologyMesh
+from recon.geometry.mesh import Mesh
+from recon.light import EnvironmentLight
+from recon.materials.pbr import TexturePBRMaterial
+from recon.render import make_rasterizer
+from recon.render.camera import look_at, perspective
+from recon.render.graphed import GraphedPBR
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(autouse=True)
+def graphs_on():
+    cuda_graphs.set_enabled(True)
+    yield
+    cuda_graphs.set_enabled(True)
+
+
+def _cameras(distances, res: int = 96):
+    proj = perspective(math.radians(40), 1.0, 0.1, 10.0)
+    eyes = [(d * math.sin(1.3 * i), 0.4, d * math.cos(1.3 * i)) for i, d in enumerate(distances)]
+    c2w = torch.stack([look_at(torch.tensor(e), torch.zeros(3), torch.tensor([0.0, 1.0, 0.0])) for e in eyes]).float()
+    return (proj @ torch.linalg.inv(c2w)).cuda(), c2w[:, :3, 3].contiguous().cuda(), (res, res)
+
+
+def _model():
+    tm = trimesh.creation.icosphere(subdivisions=3, radius=0.7)
+    mesh = unwrap(Mesh(torch.tensor(tm.vertices, dtype=torch.float32), torch.tensor(tm.faces)))
+    torch.manual_seed(0)
+    surface = FixedTopologyMesh(mesh).cuda()
+    textures = TexturePBRMaterial(torch.rand(64, 64, 9)).cuda()
+    textures.clamp_()
+    light = EnvironmentLight(base_res=64, min_res=8, diffuse_res=8, init="random").cuda()
+    return surface, textures, light
+
+
+def _steps(graphs: bool, renderer: GraphedPBR, cameras: list, steps: int) -> list:
+    """Optimiser steps of a pass-2-like loss; each step's images, loss and gradients."""
+    cuda_graphs.set_enabled(graphs)
+    surface, textures, light = _model()
+    r = make_rasterizer("nvdiffrast", "cuda")
+    opt = torch.optim.Adam([surface.offset, textures.texture, light.base], lr=1e-3)
+    seen = []
+    for step in range(steps):
+        mvp, cam, res = cameras[step % len(cameras)]
+        light.build_mips()
+        mesh = surface()
+        out = renderer.render(r, mesh, mvp, cam, res, textures, light, fused=True)
+        alpha_rows = out["alpha"].detach().reshape(-1, 1).index_select(0, out["covered_index"])
+        w = torch.linspace(0.2, 1.0, 3, device="cuda")
+        loss = ((out["rgb"] - 0.3) ** 2 * w).mean() + (out["alpha"] - 0.5).abs().mean() + (
+            out["covered"]["ks"][:, :1] * alpha_rows).sum() / out["alpha"].numel() + 10 * surface.laplacian_regularizer()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        seen.append([t.detach().clone() for t in (out["rgb"], out["alpha"], loss, surface.offset.grad,
+                                                  textures.texture.grad, light.base.grad)])
+        opt.step()
+        textures.clamp_()
+    return seen
+
+
+def _close(a, b, what: str) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def test_graphed_shading_matches_eager_over_steps():
+    cameras = [_cameras([2.4, 2.6, 2.2, 2.8])]
+    eager, graphed = GraphedPBR(eager_steps=2), GraphedPBR(eager_steps=2)
+    expected = _steps(False, eager, cameras, 6)
+    found = _steps(True, graphed, cameras, 6)
+    assert eager.capacity is None and graphed.capacity is not None and graphed.overflows == 0
+    assert graphed._graphs.captures(f"shade {graphed.capacity}") == 1
+    names = ("rgb", "alpha", "loss", "offset grad", "texture grad", "light grad")
+    for step, (a_step, b_step) in enumerate(zip(found, expected)):
+        for name, a, b in zip(names, a_step, b_step):
+            _close(a, b, f"step {step} {name}")
+
+
+def test_a_batch_beyond_the_capacity_raises_it():
+    far, near = _cameras([4.0, 4.2]), _cameras([1.6, 1.7])
+    renderer = GraphedPBR(eager_steps=1, margin=0.0, granularity=256)
+    _steps(True, renderer, [far, far, near, near, near], 5)
+    # step 0 measured (far), steps 1-4 graphed: step 2 (near) overflowed, seen at step 3, which captured again
+    assert renderer.overflows == 1
+    assert renderer.capacity >= renderer.largest and renderer._graphs.captures(f"shade {renderer.capacity}") == 1
