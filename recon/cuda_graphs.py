@@ -63,8 +63,13 @@ class _Graphed:
         """Replays the graphs of ``fn``, capturing ``fn`` first when the arguments' signature is new."""
         key = tuple((tuple(a.shape), a.dtype, a.device, a.requires_grad) for a in args)
         if key != self.key:
+            # captured on detached copies of the arguments (the same memory): the captured backward ends at the
+            # arguments, and autograd carries each argument's gradient on through its own history at every replay
+            # (an argument computed from another, e.g. rasterizer outputs and the positions, is not differentiated
+            # twice, and the capture's warm-up does not consume the history of the step that captures)
+            samples = tuple(a.detach().requires_grad_(a.requires_grad) for a in args)
             try:
-                self.graphed = torch.cuda.make_graphed_callables(fn, args, allow_unused_input=True)
+                self.graphed = torch.cuda.make_graphed_callables(fn, samples, allow_unused_input=True)
             except Exception as err:  # noqa: BLE001 (any failure to capture: run eagerly, as before graphs)
                 self.failed = True
                 self.graphed = None
