@@ -71,7 +71,10 @@ def _steps(graphs: bool, renderer: GraphedPBR, cameras: list, steps: int) -> lis
 
 
 def _close(a, b, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-6, msg=lambda m: f"{what}: {m}")
+    """Equal up to float rounding: nvdiffrast's backward passes and the antialiasing add atomically in any order, and
+    the optimiser carries those differences into later steps (a silhouette pixel differed by 1e-4 after 2 steps)."""
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()) + 1e-6, msg=lambda m: f"{what}: {m}")
+    assert (a - b).abs().mean() <= 1e-5 * float(b.abs().max()) + 1e-8, what  # almost every value agrees closely
 
 
 def test_graphed_shading_matches_eager_over_steps():
