@@ -50,7 +50,8 @@ def _steps(graphs: bool, renderer: GraphedPBR, cameras: list, steps: int) -> lis
     cuda_graphs.set_enabled(graphs)
     surface, textures, light = _model()
     r = make_rasterizer("nvdiffrast", "cuda")
-    opt = torch.optim.Adam([surface.offset, textures.texture, light.base], lr=1e-3)
+    # plain gradient steps: Adam's normalisation turns rounding-sized differences of tiny gradients into full steps
+    opt = torch.optim.SGD([surface.offset, textures.texture, light.base], lr=0.5)
     seen = []
     for step in range(steps):
         mvp, cam, res = cameras[step % len(cameras)]
@@ -64,17 +65,15 @@ def _steps(graphs: bool, renderer: GraphedPBR, cameras: list, steps: int) -> lis
         opt.zero_grad(set_to_none=True)
         loss.backward()
         seen.append([t.detach().clone() for t in (out["rgb"], out["alpha"], loss, surface.offset.grad,
-                                                  textures.texture.grad, light.base.grad)])
+                                                  textures.texture.grad, light.base.grad, surface.offset, textures.texture)])
         opt.step()
         textures.clamp_()
     return seen
 
 
 def _close(a, b, what: str) -> None:
-    """Equal up to float rounding: nvdiffrast's backward passes and the antialiasing add atomically in any order, and
-    the optimiser carries those differences into later steps (a silhouette pixel differed by 1e-4 after 2 steps)."""
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()) + 1e-6, msg=lambda m: f"{what}: {m}")
-    assert (a - b).abs().mean() <= 1e-5 * float(b.abs().max()) + 1e-8, what  # almost every value agrees closely
+    """Equal up to float rounding: nvdiffrast's backward passes and the antialiasing add atomically in any order."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-6, msg=lambda m: f"{what}: {m}")
 
 
 def test_graphed_shading_matches_eager_over_steps():
@@ -84,7 +83,8 @@ def test_graphed_shading_matches_eager_over_steps():
     found = _steps(True, graphed, cameras, 6)
     assert eager.capacity is None and graphed.capacity is not None and graphed.overflows == 0
     assert graphed._graphs.captures(f"shade {graphed.capacity}") == 1
-    names = ("rgb", "alpha", "loss", "offset grad", "texture grad", "light grad")
+    names = ("rgb", "alpha", "loss", "offset grad", "texture grad", "light grad", "offset", "texture")
+    assert (found[-1][6] - found[0][6]).abs().max() > 1e-6  # the steps moved the mesh: replays saw new values
     for step, (a_step, b_step) in enumerate(zip(found, expected)):
         for name, a, b in zip(names, a_step, b_step):
             _close(a, b, f"step {step} {name}")
