@@ -45,27 +45,35 @@ def _model():
     return surface, textures, light
 
 
-def _steps(graphs: bool, renderer: GraphedPBR, cameras: list, steps: int) -> list:
-    """Optimiser steps of a pass-2-like loss; each step's images, loss and gradients."""
-    cuda_graphs.set_enabled(graphs)
+def _loss(out: dict, surface: FixedTopologyMesh) -> torch.Tensor:
+    """A pass-2-like loss of every output: images, the covered rows' occlusion term, the Laplacian."""
+    alpha_rows = out["alpha"].detach().reshape(-1, 1).index_select(0, out["covered_index"])
+    w = torch.linspace(0.2, 1.0, 3, device="cuda")
+    return ((out["rgb"] - 0.3) ** 2 * w).mean() + (out["alpha"] - 0.5).abs().mean() + (
+        out["covered"]["ks"][:, :1] * alpha_rows).sum() / out["alpha"].numel() + 10 * surface.laplacian_regularizer()
+
+
+def _steps(renderer: GraphedPBR, cameras: list, steps: int, compare: bool = False) -> list:
+    """Gradient steps of a pass-2-like loss (plain steps, so the parameters move). With ``compare``, each step first
+    renders with every graph off (`render_pbr`, eager) and then with them on, from the same parameters, and
+    returns both steps' images, loss and gradients; the parameters follow the graphed step."""
     surface, textures, light = _model()
     r = make_rasterizer("nvdiffrast", "cuda")
-    # plain gradient steps: Adam's normalisation turns rounding-sized differences of tiny gradients into full steps
-    opt = torch.optim.SGD([surface.offset, textures.texture, light.base], lr=0.5)
+    params = [surface.offset, textures.texture, light.base]
+    opt = torch.optim.SGD(params, lr=0.5)
     seen = []
     for step in range(steps):
         mvp, cam, res = cameras[step % len(cameras)]
-        light.build_mips()
-        mesh = surface()
-        out = renderer.render(r, mesh, mvp, cam, res, textures, light, fused=True)
-        alpha_rows = out["alpha"].detach().reshape(-1, 1).index_select(0, out["covered_index"])
-        w = torch.linspace(0.2, 1.0, 3, device="cuda")
-        loss = ((out["rgb"] - 0.3) ** 2 * w).mean() + (out["alpha"] - 0.5).abs().mean() + (
-            out["covered"]["ks"][:, :1] * alpha_rows).sum() / out["alpha"].numel() + 10 * surface.laplacian_regularizer()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        seen.append([t.detach().clone() for t in (out["rgb"], out["alpha"], loss, surface.offset.grad,
-                                                  textures.texture.grad, light.base.grad, surface.offset, textures.texture)])
+        found = {}
+        for graphs in ((False, True) if compare else (True,)):
+            cuda_graphs.set_enabled(graphs)
+            opt.zero_grad(set_to_none=True)
+            light.build_mips()
+            out = renderer.render(r, surface(), mvp, cam, res, textures, light, fused=True)
+            loss = _loss(out, surface)
+            loss.backward()
+            found[graphs] = [t.detach().clone() for t in (out["rgb"], out["alpha"], loss, *(p.grad for p in params))]
+        seen.append((found, surface.offset.detach().clone()))
         opt.step()
         textures.clamp_()
     return seen
@@ -76,24 +84,22 @@ def _close(a, b, what: str) -> None:
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-6, msg=lambda m: f"{what}: {m}")
 
 
-def test_graphed_shading_matches_eager_over_steps():
-    cameras = [_cameras([2.4, 2.6, 2.2, 2.8])]
-    eager, graphed = GraphedPBR(eager_steps=2), GraphedPBR(eager_steps=2)
-    expected = _steps(False, eager, cameras, 6)
-    found = _steps(True, graphed, cameras, 6)
-    assert eager.capacity is None and graphed.capacity is not None and graphed.overflows == 0
-    assert graphed._graphs.captures(f"shade {graphed.capacity}") == 1
-    names = ("rgb", "alpha", "loss", "offset grad", "texture grad", "light grad", "offset", "texture")
-    assert (found[-1][6] - found[0][6]).abs().max() > 1e-6  # the steps moved the mesh: replays saw new values
-    for step, (a_step, b_step) in enumerate(zip(found, expected)):
-        for name, a, b in zip(names, a_step, b_step):
+def test_graphed_shading_matches_eager_step_by_step():
+    renderer = GraphedPBR(eager_steps=2)
+    seen = _steps(renderer, [_cameras([2.4, 2.6, 2.2, 2.8])], 6, compare=True)
+    assert renderer.capacity is not None and renderer.overflows == 0
+    assert renderer._graphs.captures(f"shade {renderer.capacity}") == 1  # steps 2-5 replayed one capture
+    names = ("rgb", "alpha", "loss", "offset grad", "texture grad", "light grad")
+    for step, (found, _) in enumerate(seen):
+        for name, a, b in zip(names, found[True], found[False]):
             _close(a, b, f"step {step} {name}")
+    assert (seen[-1][1] - seen[0][1]).abs().max() > 1e-6  # the steps moved the mesh: replays saw new values
 
 
 def test_a_batch_beyond_the_capacity_raises_it():
     far, near = _cameras([4.0, 4.2]), _cameras([1.6, 1.7])
     renderer = GraphedPBR(eager_steps=1, margin=0.0, granularity=256)
-    _steps(True, renderer, [far, far, near, near, near], 5)
+    _steps(renderer, [far, far, near, near, near], 5)
     # step 0 measured (far), steps 1-4 graphed: step 2 (near) overflowed, seen at step 3, which captured again
     assert renderer.overflows == 1
     assert renderer.capacity >= renderer.largest and renderer._graphs.captures(f"shade {renderer.capacity}") == 1
