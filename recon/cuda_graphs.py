@@ -2,7 +2,8 @@
 
 A training step at nvdiffrec's settings launches a few hundred kernels, and in pass 2 (a fixed mesh) the host takes
 longer to launch them than the GPU to run them. Some parts keep every shape from step to step: the light's mip
-chain (the cube map's size never changes) and pass 2's mesh (vertex normals, tangents; fixed topology). Captured once
+chain (the cube map's size never changes), pass 2's mesh (vertex normals, tangents; fixed topology) and pass 2's
+shading after the rasterization (a fixed number of shaded rows, `recon.render.graphed`). Captured once
 with `torch.cuda.make_graphed_callables`, each becomes one graph replay forward and one backward, so the host
 issues two launches where it issued dozens of operations and their autograd nodes. Values and gradients are those
 of the function run eagerly (tests/test_cuda_graphs_gpu.py).

@@ -13,7 +13,7 @@ to the host without waiting, and the next render checks it: a batch that covered
 a warning and raises the capacity (captured again) for the following steps. That batch's left-out pixels were not
 shaded (they rendered as uncovered in colour, covered in alpha), one step's error.
 
-Values and gradients equal `render_pbr`'s up to float rounding (tests/test_graphed_shading*.py). Where the graphs do
+Values and gradients equal `render_pbr`'s up to float rounding (tests/render/test_graphed_shading*.py). Where the graphs do
 not apply (off CUDA, ``model.render.cuda_graphs=false``, no gradients) `render` is `render_pbr`. Plain torch.
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ class GraphedPBR:
         args = (rast, rast_db, pos_clip, cam_pos, *(t for _, t in fields), *params.values(), *light_tensors)
         rgb, alpha, ks, index, valid, count = self._graphs.call(f"shade {capacity}", shade, *args)
         self._send_count(count)
-        if mark is not None:
+        if mark is not None:  # the material and shading stages both ran inside the graph: one mark for each
             mark()
             mark()
         return {"rgb": rgb, "alpha": alpha, "covered": {"ks": ks}, "covered_index": index, "covered_valid": valid,
