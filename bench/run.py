@@ -323,6 +323,7 @@ def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
         "first_steps": {k: timing.get(k) for k in ("pass1_first_steps", "pass1_first_steps_seconds", "pass2_first_steps",
                                                    "pass2_first_steps_seconds")},
         "startup_seconds": timing.get("startup_seconds"),
+        "graph_shading": {k: timing.get(f"graph_shading_{k}") for k in ("rows", "covered_max", "overflows")},
         "stages": prof["stages"], "step_ms": prof["step_ms"], "wall_step_ms": prof.get("wall_step_ms"),
         "pass2": prof.get("pass2"), "profile_steps": prof.get("steps"),
     }

@@ -385,7 +385,10 @@ class ReconSystem(L.LightningModule):
             mesh, tex = self.bake()
         else:
             mesh, tex = self.surface().detach(), self.textures.texture.detach()[0]
-        return {"mesh": mesh, "texture": tex, "light": self.light.to_latlong(self.light.base.shape[1]), "stats": dict(self.bake_stats)}
+        stats = dict(self.bake_stats)
+        if self.pass2_renderer.capacity is not None:  # pass 2 shaded through its CUDA graph
+            stats.update(self.pass2_renderer.stats())
+        return {"mesh": mesh, "texture": tex, "light": self.light.to_latlong(self.light.base.shape[1]), "stats": stats}
 
     @torch.no_grad()
     def extract_mesh(self) -> Mesh:

@@ -74,6 +74,12 @@ class GraphedPBR:
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
+    def stats(self) -> dict:
+        """The graph's rows per step, the most covered pixels of one batch seen, and the batches over the capacity
+        (timing.json's ``graph_shading_rows``, ``graph_shading_covered_max``, ``graph_shading_overflows``)."""
+        return {"graph_shading_rows": self.capacity, "graph_shading_covered_max": self.largest,
+                "graph_shading_overflows": self.overflows}
+
     def _capacity_for(self, count: int) -> int:
         return max(self.granularity, math.ceil(count * (1 + self.margin) / self.granularity) * self.granularity)
 

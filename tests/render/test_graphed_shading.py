@@ -127,3 +127,10 @@ def test_graph_cache_failed_and_drop():
     assert not cache.failed("x")
     cache.drop("x")  # unknown names are fine
     assert cache.captures("x") == 0
+
+
+def test_graphed_pbr_stats_name_the_rows_and_overflows():
+    renderer = GraphedPBR()
+    renderer.capacity, renderer.largest, renderer.overflows = 1_048_576, 900_000, 1
+    assert renderer.stats() == {"graph_shading_rows": 1_048_576, "graph_shading_covered_max": 900_000,
+                                "graph_shading_overflows": 1}
