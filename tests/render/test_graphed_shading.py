@@ -134,3 +134,29 @@ def test_graphed_pbr_stats_name_the_rows_and_overflows():
     renderer.capacity, renderer.largest, renderer.overflows = 1_048_576, 900_000, 1
     assert renderer.stats() == {"graph_shading_rows": 1_048_576, "graph_shading_covered_max": 900_000,
                                 "graph_shading_overflows": 1}
+
+
+class _Event:
+    def __init__(self, done: bool):
+        self.done = done
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_a_count_over_the_capacity_raises_it_once_it_reaches_the_host(caplog):
+    renderer = GraphedPBR(margin=0.1, granularity=1000)
+    renderer.capacity, renderer._count = 4000, torch.tensor(5000)
+    renderer._count_ready = _Event(False)  # still on its way: nothing read yet
+    renderer._check_previous()
+    assert renderer.capacity == 4000 and renderer.overflows == 0 and renderer.largest == 0
+    renderer._count_ready = _Event(True)
+    with caplog.at_level("WARNING", logger="recon.render.graphed"):
+        renderer._check_previous()
+    assert renderer.overflows == 1 and renderer.largest == 5000 and renderer.capacity == 6000  # 5000 * 1.1, rounded up
+    assert "covered 5000 pixels, more than the 4000 rows" in caplog.text
+    renderer._check_previous()  # read once
+    assert renderer.overflows == 1
+    renderer._count, renderer._count_ready = torch.tensor(5500), _Event(True)
+    renderer._check_previous()  # within the capacity: measured only
+    assert renderer.overflows == 1 and renderer.capacity == 6000 and renderer.largest == 5500
