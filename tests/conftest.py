@@ -1,5 +1,5 @@
 """Shared test setup: the `gpu` marker skips without CUDA; `in_triton_interpreter` runs code under Triton's
-interpreter in a child process."""
+interpreter in a child process; `graphs_on` turns recon's CUDA graphs on for a test and on again after it."""
 import os
 import subprocess
 import sys
@@ -18,6 +18,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def graphs_on():
+    """recon.cuda_graphs on during the test (a test may switch them off) and on again after it."""
+    from recon import cuda_graphs
+
+    cuda_graphs.set_enabled(True)
+    yield
+    cuda_graphs.set_enabled(True)
 
 
 @pytest.fixture

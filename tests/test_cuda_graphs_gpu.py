@@ -8,14 +8,8 @@ from recon.geometry.fixed_mesh import FixedTopologyMesh
 from recon.geometry.mesh import Mesh
 from recon.light import EnvironmentLight
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture(autouse=True)
-def graphs_on():
-    cuda_graphs.set_enabled(True)
-    yield
-    cuda_graphs.set_enabled(True)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("graphs_on")]
 
 
 def _close(a, b, what: str) -> None:

@@ -36,11 +36,15 @@ log = logging.getLogger(__name__)
 MESH_FIELDS = ("verts", "faces", "normals", "uv", "uv_faces", "tangents", "handedness", "face_normals")
 
 
-def texture_material(textures: nn.Module, rasterizer) -> Callable[[dict, Tensor], dict]:
+def texture_material(textures: nn.Module, rasterizer, params: dict[str, Tensor] | None = None
+                     ) -> Callable[[dict, Tensor], dict]:
     """`render_pbr`'s material from a UV texture module called as ``textures(rasterizer, uv, uv_da)``
-    (`TexturePBRMaterial`), looked up at the covered pixels alone."""
+    (`TexturePBRMaterial`), looked up at the rows the render shades (``gb["covered_index"]``). params: tensors
+    standing in for the module's parameters (`torch.func.functional_call`), e.g. a captured function's arguments."""
     def material(gb: dict, mask: Tensor) -> dict:
-        return textures(rasterizer, *_uv_rows(gb, mask))
+        sel = gb["covered_index"]
+        args = (rasterizer, masked_rows(gb["gb_uv"], sel, mask.dim()), masked_rows(gb["gb_uv_da"], sel, mask.dim()))
+        return textures(*args) if params is None else functional_call(textures, params, args)
 
     return material
 
@@ -140,9 +144,8 @@ class GraphedPBR:
             *spec, diffuse, lut = rest[n_fields + n_params:]
             with light.using(spec, diffuse, lut):
                 gb = interpolate_gbuffers(rasterizer, m, pos_clip, rast, rast_db, shading_attributes(m, perturb))
-                out = shade_gbuffers(rasterizer, m, gb, cam_pos,
-                                     lambda g, mask: functional_call(textures, p, (rasterizer,) + _uv_rows(g, mask)),
-                                     light, perturb=perturb, fused=fused, material_images=False, capacity=capacity)
+                out = shade_gbuffers(rasterizer, m, gb, cam_pos, texture_material(textures, rasterizer, p), light,
+                                     perturb=perturb, fused=fused, material_images=False, capacity=capacity)
             return (out["rgb"], out["alpha"], out["covered"]["ks"], out["covered_index"], out["covered_valid"],
                     out["covered_count"])
 
@@ -165,8 +168,3 @@ class GraphedPBR:
         self._count_ready = torch.cuda.Event()
         self._count_ready.record()
 
-
-def _uv_rows(gb: dict, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The UVs and their derivatives at the rows the render shades (``gb["covered_index"]``)."""
-    sel = gb["covered_index"]
-    return masked_rows(gb["gb_uv"], sel, mask.dim()), masked_rows(gb["gb_uv_da"], sel, mask.dim())

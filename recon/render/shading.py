@@ -300,10 +300,11 @@ def shade_gbuffers(
     else:
         n_shade = shading_normal(nrm_ts, smooth, n_geom, pos, view_pos, tangent, hand)
         color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
-    rows_out = mask.numel() + (valid is not None)  # padding rows land in one extra row, dropped here
-
     def image(v: Tensor) -> Tensor:  # covered rows -> [B,H,W,C], zero where uncovered
-        return scatter_rows(v, place, rows_out)[: mask.numel()].reshape(*n_pix, -1)
+        if valid is None:
+            return scatter_rows(v, place, mask.numel()).reshape(*n_pix, -1)
+        # padding rows land in one extra row, dropped here
+        return scatter_rows(v, place, mask.numel() + 1)[: mask.numel()].reshape(*n_pix, -1)
 
     def only_valid(v: Tensor) -> Tensor:
         return v if valid is None else v * valid

@@ -17,14 +17,8 @@ from recon.render import make_rasterizer
 from recon.render.camera import look_at, perspective
 from recon.render.graphed import GraphedPBR
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture(autouse=True)
-def graphs_on():
-    cuda_graphs.set_enabled(True)
-    yield
-    cuda_graphs.set_enabled(True)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("graphs_on")]
 
 
 def _cameras(distances, res: int = 96):
