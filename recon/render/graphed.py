@@ -59,7 +59,8 @@ class GraphedPBR:
     def __init__(self, eager_steps: int = 10, margin: float = 0.15, granularity: int = 16384):
         if eager_steps < 1 or margin < 0 or granularity < 1:
             raise ValueError(f"GraphedPBR(eager_steps={eager_steps}, margin={margin}, granularity={granularity}): "
-                             "eager_steps and granularity must be >= 1 and margin >= 0.")
+                             "eager_steps and granularity must be >= 1 and margin >= 0 (the config's "
+                             "model.render.graph_margin).")
         self.eager_steps, self.margin, self.granularity = int(eager_steps), float(margin), int(granularity)
         self.capacity: int | None = None
         self.largest = 0  # most covered pixels of one render seen so far

@@ -103,6 +103,8 @@ def test_graphed_pbr_off_cuda_is_render_pbr():
 def test_graphed_pbr_settings_and_copies():
     with pytest.raises(ValueError, match="eager_steps"):
         GraphedPBR(eager_steps=0)
+    with pytest.raises(ValueError, match="model.render.graph_margin"):
+        GraphedPBR(margin=-0.1)
     renderer = GraphedPBR(eager_steps=3, margin=0.25, granularity=1000)
     assert renderer._capacity_for(10_000) == 13_000 and renderer._capacity_for(1) == 1000
     renderer.capacity, renderer.largest = 5000, 4000
