@@ -220,9 +220,11 @@ def covered_rows(mask: Tensor, capacity: int | None = None) -> tuple[Tensor, Ten
 
     Without a capacity, N is the number of covered pixels, ``gather`` = ``place`` = `mask_index` of ``mask``, and
     ``valid`` is None. With one, N = capacity: the covered pixels' positions in order (`torch.nonzero_static`, no
-    host sync), then padding rows placed at ``mask.numel()`` (one row past the image, dropped after scattering) and
-    gathered from the last pixel; ``valid`` is 1 for covered rows and 0 for padding. Covered pixels beyond the
-    capacity are left out (the caller checks ``mask.sum()`` against it).
+    host sync), then padding rows placed at ``mask.numel()`` (one row past the image, dropped after scattering);
+    ``valid`` is 1 for covered rows and 0 for padding. Padding row i gathers covered row i mod (covered pixels) (the
+    last pixel when none is covered): its values are a covered pixel's and its zero gradients scatter as the covered
+    rows' do, not all into one pixel, one texel and one face (atomic adds on one address run one after another).
+    Covered pixels beyond the capacity are left out (the caller checks ``mask.sum()`` against it).
     """
     if capacity is None:
         index = mask_index(mask)
@@ -230,7 +232,9 @@ def covered_rows(mask: Tensor, capacity: int | None = None) -> tuple[Tensor, Ten
     n = mask.numel()
     place = torch.nonzero_static(mask.reshape(-1), size=int(capacity), fill_value=n).squeeze(1)
     valid = (place < n)[:, None]
-    return place.clamp_max(n - 1), place, valid
+    rows = torch.arange(int(capacity), device=mask.device)
+    source = torch.where(valid[:, 0], rows, rows % valid.sum().clamp_min(1))
+    return place.index_select(0, source).clamp_max(n - 1), place, valid
 
 
 def shade_gbuffers(
@@ -275,7 +279,7 @@ def shade_gbuffers(
     gb["covered_pos"] = pos  # the covered rows of gb_pos, for a material evaluated there
     tri = covered(rast[..., 3]).long() - 1
     if valid is not None:
-        tri = tri.clamp_min(0)  # padding rows may gather an uncovered pixel (triangle id 0)
+        tri = tri.clamp_min(0)  # without covered pixels, padding rows gather an uncovered one (triangle id 0)
     unit_faces = mesh.face_normals if mesh.face_normals is not None else unit_face_normals(mesh.verts, mesh.faces)
     n_geom = take_rows(unit_faces, tri)
     tangent, hand = None, 1.0

@@ -42,10 +42,13 @@ def test_covered_rows_with_a_capacity_pad_after_the_covered_pixels():
     gather, place, valid = covered_rows(mask)
     assert valid is None and gather.tolist() == place.tolist() == [6, 12, 23]
     gather, place, valid = covered_rows(mask, 5)
-    assert place.tolist() == [6, 12, 23, 24, 24] and gather.tolist() == [6, 12, 23, 23, 23]
+    # padding rows repeat the covered rows (their zero gradients then spread like the covered rows')
+    assert place.tolist() == [6, 12, 23, 24, 24] and gather.tolist() == [6, 12, 23, 6, 12]
     assert valid[:, 0].tolist() == [True, True, True, False, False]
     gather, place, valid = covered_rows(mask, 2)  # too small: the first covered pixels, in order
-    assert place.tolist() == [6, 12] and valid.all()
+    assert place.tolist() == [6, 12] and gather.tolist() == [6, 12] and valid.all()
+    gather, place, valid = covered_rows(torch.zeros_like(mask), 2)  # nothing covered: the last pixel
+    assert place.tolist() == [24, 24] and gather.tolist() == [23, 23] and not valid.any()
 
 
 def _render(capacity, res=40):
