@@ -56,7 +56,7 @@ class GeometryConfig:
     deform_scale: float = 0.5             # max vertex offset, in cell edges
     sdf_init: str = "sphere"              # 'sphere' or 'random'
     init_radius: float = 0.6              # initial sphere radius, fraction of the half edge
-    bounded_buffers: bool = False         # marching tets: one host sync per extraction (buffers sized from the last one)
+    lattice_kernel: bool = True           # CUDA: marching tets' topology as two Triton kernels on the lattice
 
 
 @dataclass

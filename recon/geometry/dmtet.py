@@ -8,7 +8,6 @@ so their normals point from the inside (sdf < 0) towards the outside (sdf > 0).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -18,8 +17,7 @@ from torch import Tensor, nn
 from recon.gather import take_rows
 from recon.geometry.mesh import Mesh, normals_with_faces
 from recon.geometry.tet_grid import TET_EDGE_CORNERS, make_tet_grid, tet_grid_edges
-
-log = logging.getLogger(__name__)
+from recon.optional import optional_module
 
 # Marching-tets case table. Case = sum of 2^i over the inside corners i of a tet; entries index the
 # tet edges in `TET_EDGE_CORNERS` order, 3 per triangle, -1 unused. It is nvdiffrec's table with each
@@ -139,10 +137,9 @@ class DMTetGeometry(nn.Module):
     uniform(-0.9, 0.1) here: about 90% of vertices inside, with random outside specks. Note that at
     tet_grid=128 this first surface has ~5M faces (forward ~6 s on CPU); "sphere" gives ~170k.
 
-    bounded_buffers: marching tets compacts the surface cells, tets, crossing edges and faces into buffers sized from
-    the previous extraction's counts (`_bounded_topology`), so that an extraction waits for the device once instead of
-    five times; the result is identical, and a buffer that would overflow falls back to the exact-size path. Off by
-    default: at nerf800 on one H200 a pass-1 step was not shorter with it (25.05 against 24.36 ms, one round).
+    lattice_kernel: on CUDA, marching tets' topology runs as two Triton kernels on the lattice
+    (`recon.geometry.marching_tets_triton`): the same edges and faces, one wait for the device per extraction
+    instead of five and a few launches instead of some forty. False, or without triton, `marching_tets_topology`.
 
     Grid and case tables (`verts`, `tets`, `edges`, ...) are non-persistent buffers: `.to()` moves
     them, checkpoints hold only the parameters `sdf [Nv]` and `deform [Nv,3]` (the grid is rebuilt
@@ -159,11 +156,11 @@ class DMTetGeometry(nn.Module):
         deform_scale: float = 0.5,
         sdf_init: str = "sphere",
         init_radius: float = 0.6,
-        bounded_buffers: bool = False,
+        lattice_kernel: bool = True,
     ):
         super().__init__()
-        self.bounded_buffers = bool(bounded_buffers)
-        self._capacity: tuple[int, int, int, int] | None = None  # buffer sizes for `_bounded_topology`
+        self.lattice_kernel = bool(lattice_kernel)
+        self._lattice_tables: tuple[Tensor, ...] | None = None  # `lattice_tables` on the sdf's device
         self.tet_grid, self.scale, self.deform_scale = int(tet_grid), float(scale), float(deform_scale)
         self.center = tuple(float(c) for c in center)
         verts, tets = make_tet_grid(self.tet_grid, self.scale, self.center)
@@ -216,85 +213,16 @@ class DMTetGeometry(nn.Module):
         tet_ids = (cells[:, None] * 6 + torch.arange(6, device=cells.device)).reshape(-1)
         return take_rows(self.tets, tet_ids)
 
-    def _bounded_topology(self, inside: Tensor, capacity: tuple[int, int, int, int]) -> tuple[Tensor, Tensor, Tensor]:
-        """`marching_tets_topology` over `_surface_tets` without waiting for the device: each compaction fills a
-        buffer of ``capacity`` (surface cells, surface tets, crossing tet edges, faces) entries, padding at the end.
-
-        Returns ``edges [E,2]`` (the unique crossing edges first, in `marching_tets_topology`'s order), ``faces [F,3]``
-        (the faces first, same order) and ``counts [5]``: the true numbers of surface cells, surface tets, crossing
-        tet edges, unique edges and faces. Where a count exceeds its buffer the result is incomplete: the caller
-        reads the counts (one host sync), checks them and slices.
-        """
-        cap_cells, cap_tets, cap_cross, cap_faces = capacity
-        device = inside.device
-        corners, triangle_table, num_triangles = self.tet_edge_corners, self.triangle_table, self.num_triangles
-        cell_mask = self._surface_cells(inside)
-        cells = torch.nonzero_static(cell_mask, size=cap_cells, fill_value=-1).squeeze(1)
-        tet_ids = (cells.clamp(min=0)[:, None] * 6 + torch.arange(6, device=device)).reshape(-1)
-        tets = take_rows(self.tets, tet_ids)  # [6C,4]
-        inside_t = inside[tets]
-        n_inside = inside_t.sum(dim=1)
-        tet_mask = (n_inside > 0) & (n_inside < 4) & (cells >= 0).repeat_interleave(6)
-        valid = torch.nonzero_static(tet_mask, size=cap_tets, fill_value=-1).squeeze(1)
-        tet_ok = valid >= 0
-        tets, inside_t = take_rows(tets, valid.clamp(min=0)), inside_t.index_select(0, valid.clamp(min=0))
-
-        ends = tets[:, corners]  # [T,6,2]
-        cross_mask = (inside_t[:, corners[:, 0]] != inside_t[:, corners[:, 1]]) & tet_ok[:, None]
-        crossing = torch.nonzero_static(cross_mask.reshape(-1), size=cap_cross, fill_value=-1).squeeze(1)
-        cross_ok = crossing >= 0
-        n = inside.shape[0]
-        keys = (ends.min(dim=2).values * n + ends.max(dim=2).values).reshape(-1).index_select(0, crossing.clamp(min=0))
-        sentinel = torch.iinfo(torch.int64).max
-        keys = torch.where(cross_ok, keys, sentinel)
-        # unique by sorting: each key's first occurrence starts an edge; padding sorts last and starts none
-        sorted_keys, order = torch.sort(keys)
-        first = torch.ones_like(sorted_keys, dtype=torch.bool)
-        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        first &= sorted_keys != sentinel
-        rank = torch.cumsum(first, 0) - 1  # the edge of each sorted entry
-        edge_id = torch.empty_like(rank).scatter_(0, order, rank)
-        unique_keys = torch.zeros(cap_cross + 1, dtype=torch.int64, device=device)  # the last slot takes the rest
-        unique_keys.scatter_(0, torch.where(first, rank, cap_cross), sorted_keys)
-        unique_keys = unique_keys[:cap_cross]
-        edges = torch.stack([unique_keys // n, unique_keys % n], dim=1)
-
-        slots = tets.shape[0] * 6
-        idx_map = torch.full((slots + 1,), -1, dtype=torch.int64, device=device)
-        idx_map.scatter_(0, torch.where(cross_ok, crossing, slots), edge_id)
-        idx_map = idx_map[:slots].view(-1, 6)
-        case = (inside_t.long() * (2 ** torch.arange(4, device=device))).sum(dim=1)
-        faces = idx_map.gather(1, triangle_table[case].clamp(min=0)).reshape(-1, 3)
-        keep = ((num_triangles[case][:, None] > torch.arange(2, device=device)[None]) & tet_ok[:, None]).reshape(-1)
-        faces = take_rows(faces, torch.nonzero_static(keep, size=cap_faces, fill_value=-1).squeeze(1).clamp(min=0))
-        counts = torch.stack([cell_mask.sum(), tet_mask.sum(), cross_mask.sum(), first.sum(), keep.sum()])
-        return edges, faces, counts
-
     def _topology(self, inside: Tensor) -> tuple[Tensor, Tensor]:
-        """Marching tets' crossing edges [Ne,2] and faces [Nf,3] of the occupancy ``inside`` (see `bounded_buffers`)."""
+        """Marching tets' crossing edges [Ne,2] and faces [Nf,3] of the occupancy ``inside`` (see `lattice_kernel`)."""
+        if self.lattice_kernel and inside.is_cuda:
+            kernels = optional_module("recon.geometry.marching_tets_triton")
+            if kernels is not None:
+                if self._lattice_tables is None or self._lattice_tables[0].device != inside.device:
+                    self._lattice_tables = kernels.lattice_tables(self.tet_grid, inside.device)
+                return kernels.lattice_topology(inside, self.tet_grid, self._lattice_tables)
         tables = (self.tet_edge_corners, self.triangle_table, self.num_triangles)
-        if not self.bounded_buffers:
-            return marching_tets_topology(inside, self._surface_tets(inside), tables)
-        if self._capacity is not None:
-            try:
-                edges, faces, counts = self._bounded_topology(inside, self._capacity)
-            except NotImplementedError as err:  # a device without nonzero_static: exact sizes from now on
-                log.warning("model.geometry.bounded_buffers: %s; marching tets uses exact sizes instead.", err)
-                self.bounded_buffers = False
-                return marching_tets_topology(inside, self._surface_tets(inside), tables)
-            cells, tets, cross, n_edges, n_faces = counts.tolist()  # the extraction's one host sync
-            if cells <= self._capacity[0] and tets <= self._capacity[1] and cross <= self._capacity[2] and \
-                    n_faces <= self._capacity[3]:
-                self._capacity = _capacity_for(cells, tets, cross, n_faces)
-                return edges[:n_edges], faces[:n_faces]
-        # first extraction, or a buffer too small: the exact sizes, which also size the buffers of the next one
-        tets = self._surface_tets(inside)
-        n_inside = inside[tets].sum(dim=1)
-        kept = int(((n_inside > 0) & (n_inside < 4)).sum())
-        edges, faces = marching_tets_topology(inside, tets, tables)
-        # a kept tet has 3 or 4 crossing edges: 4 per tet bounds their number (the next extraction counts them)
-        self._capacity = _capacity_for(tets.shape[0] // 6, kept, 4 * kept, faces.shape[0])
-        return edges, faces
+        return marching_tets_topology(inside, self._surface_tets(inside), tables)
 
     def forward(self) -> Mesh:
         """Surface of the current sdf on the deformed grid, with vertex normals.
@@ -340,7 +268,3 @@ class DMTetGeometry(nn.Module):
             f"deform_scale={self.deform_scale}, verts={self.verts.shape[0]}, tets={self.tets.shape[0]}"
         )
 
-
-def _capacity_for(cells: int, tets: int, crossing: int, faces: int) -> tuple[int, int, int, int]:
-    """Buffer sizes for the next bounded extraction: a quarter above this one's counts, plus some."""
-    return tuple(int(c * 1.25) + 1024 for c in (cells, tets, crossing, faces))

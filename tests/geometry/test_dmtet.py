@@ -291,17 +291,17 @@ def test_sdf_regularizer_reuses_the_extraction_of_the_same_sdf():
         torch.testing.assert_close(geo.sdf_regularizer(), sdf_sign_loss(geo.sdf, geo.edges))
 
 
-def _bounded_and_exact_steps(device: str, grid: int = 24, steps: int = 4) -> None:
-    """The same sdf updates through bounded buffers and through exact sizes: equal meshes, gradients and
-    regulariser, step after step (the buffers follow the counts; the first extraction sizes them)."""
+def _lattice_and_generic_steps(device: str, grid: int = 24, steps: int = 4) -> None:
+    """The same sdf updates through the lattice kernels and through `marching_tets_topology`: equal meshes,
+    gradients and regulariser, step after step."""
     torch.manual_seed(0)
-    bounded = DMTetGeometry(tet_grid=grid, sdf_init="random", bounded_buffers=True).to(device)
-    exact = DMTetGeometry(tet_grid=grid, sdf_init="random", bounded_buffers=False).to(device)
-    exact.load_state_dict(bounded.state_dict())
+    lattice = DMTetGeometry(tet_grid=grid, sdf_init="random", lattice_kernel=True).to(device)
+    generic = DMTetGeometry(tet_grid=grid, sdf_init="random", lattice_kernel=False).to(device)
+    generic.load_state_dict(lattice.state_dict())
     g = torch.Generator(device=device).manual_seed(1)
     for step in range(steps):
         results = []
-        for geo in (bounded, exact):
+        for geo in (lattice, generic):
             mesh = geo()
             w = torch.randn(mesh.verts.shape, generator=torch.Generator(device=device).manual_seed(step), device=device)
             # not the normals: on a noisy sdf, slivers make their gradient ill-conditioned, and CUDA's scatter-adds
@@ -311,38 +311,22 @@ def _bounded_and_exact_steps(device: str, grid: int = 24, steps: int = 4) -> Non
             loss.backward()
             results.append((mesh.verts.detach(), mesh.faces, mesh.normals.detach(), geo.sdf.grad, geo.deform.grad,
                             loss.detach()))
+        assert torch.equal(results[0][1], results[1][1])  # the same faces, in the same order
         for k, (a, b) in enumerate(zip(*results)):
             # the vertex normals are sums scattered in any order on CUDA: equal to float rounding (1e-5 measured)
             tol = 1e-4 if k == 2 else 1e-6
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-        assert bounded._capacity is not None and exact._capacity is None
         with torch.no_grad():
-            d = 0.05 * torch.randn(bounded.sdf.shape, generator=g, device=device)
-            bounded.sdf.add_(d)
-            exact.sdf.add_(d)
-
-
-def test_bounded_buffers_equal_the_exact_extraction():
-    _bounded_and_exact_steps("cpu")
-
-
-def test_bounded_buffers_that_overflow_fall_back_to_exact_sizes():
-    torch.manual_seed(2)
-    geo = DMTetGeometry(tet_grid=20, sdf_init="random", bounded_buffers=True)
-    expected = DMTetGeometry(tet_grid=20, sdf_init="random", bounded_buffers=False)
-    expected.load_state_dict(geo.state_dict())
-    geo()
-    for small in range(4):  # each buffer in turn too small
-        geo._capacity = tuple(8 if i == small else c for i, c in enumerate(geo._capacity))
-        mesh = geo()
-        assert torch.equal(mesh.faces, expected().faces) and torch.equal(mesh.verts, expected().verts)
-        assert geo._capacity[small] > 8  # resized from the exact counts
+            d = 0.05 * torch.randn(lattice.sdf.shape, generator=g, device=device)
+            lattice.sdf.add_(d)
+            generic.sdf.add_(d)
+    assert lattice._lattice_tables is not None and generic._lattice_tables is None  # each took its path
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bounded_buffers_equal_the_exact_extraction_on_cuda():
-    _bounded_and_exact_steps("cuda", grid=48)
+def test_lattice_kernels_equal_the_generic_extraction_on_cuda():
+    _lattice_and_generic_steps("cuda", grid=48)
 
 
 def test_surface_cells_are_the_cells_with_corners_on_both_sides():
