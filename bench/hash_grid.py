@@ -176,10 +176,17 @@ def run(args: argparse.Namespace) -> dict:
             x = make_points(n, layout, device)
             for input_grad in args.input_grad:
                 reference = None
-                runs = [(b, launch) for b in backends for launch in (args.triton_layouts if b == "triton" else [None])]
-                for backend, launch in runs:
+                runs = [(b, launch, r) for b in backends
+                        for launch in (args.triton_layouts if b == "triton" else [None])
+                        for r in (args.run_levels or [None] if b == "triton" else [None])]
+                for backend, launch, run_levels in runs:
                     case = {"n_points": n, "points": layout, "input_grad": input_grad, "backend": backend,
                             "launch_layout": launch}
+                    if run_levels is not None:
+                        from recon.materials import hash_grid_triton
+
+                        case["run_levels"] = run_levels
+                        hash_grid_triton.RUN_LEVELS = run_levels
                     try:
                         enc.triton_layout = None if launch is None else triton_layouts(launch)
                         res = time_backend(enc, backend, x, grad_out, input_grad, args.repeats, args.warmup)
@@ -230,6 +237,8 @@ def format_row(row: dict, rows: list[dict]) -> str:
     """One Markdown table row; the speed-up is relative to the torch backend's row of the same case."""
     case = (row["n_points"], row["points"], row["input_grad"])
     backend = row["backend"] if row.get("launch_layout") is None else f"{row['backend']} {row['launch_layout']}"
+    if row.get("run_levels"):
+        backend += f" runs<{row['run_levels']}"
     lead = f"| {row['n_points']:,} | {row['points']} | {'yes' if row['input_grad'] else 'no'} | {backend} "
     if "error" in row:
         return lead + "| " + " | ".join(["-"] * 5) + " |"
@@ -271,6 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--triton-layouts", nargs="+", type=launch_layout, default=None, metavar="FORWARD/BACKWARD",
                         help="launch layouts of the triton backend, one row each: levels, points or FORWARD/BACKWARD "
                              "(default: the four combinations)")
+    parser.add_argument("--run-levels", nargs="+", type=int, default=None, metavar="K",
+                        help="triton: time each value of hash_grid_triton.RUN_LEVELS (the coarsest levels whose "
+                             "backward adds once per run of points in one cell corner); default: as the module has it")
     parser.add_argument("--points", nargs="+", choices=("uniform", "surface"), default=["uniform", "surface"])
     parser.add_argument("--input-grad", nargs="+", choices=("no", "yes"), default=["no", "yes"],
                         help="time without and/or with a gradient for the points (recon's training needs it)")

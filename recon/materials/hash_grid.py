@@ -192,6 +192,9 @@ class HashGridEncoding(nn.Module):
     torch otherwise.
     triton_layout: the Triton kernel's launch layouts, "levels", "points" or "FORWARD/BACKWARD"
     (`hash_grid_triton`'s docstring); None: that module's LAUNCH_LAYOUT (levels).
+    run_levels: the Triton backward adds the table gradient of the run_levels coarsest levels once per
+    run of consecutive points in one cell corner (`hash_grid_triton._runs_add`); None: that module's
+    RUN_LEVELS.
     """
 
     def __init__(
@@ -205,9 +208,13 @@ class HashGridEncoding(nn.Module):
         backend: str = "auto",
         grad_scale: float = 1.0,
         triton_layout: str | None = None,
+        run_levels: int | None = None,
     ):
         super().__init__()
         self.triton_layout = None if triton_layout is None else triton_layouts(triton_layout)
+        if run_levels is not None and not 0 <= run_levels <= n_levels:
+            raise ValueError(f"HashGridEncoding run_levels={run_levels} must be in 0..n_levels={n_levels} (or None).")
+        self.run_levels = run_levels
         if backend not in BACKENDS:
             raise ValueError(f"HashGridEncoding backend={backend!r} is not one of {BACKENDS}.")
         if backend == "tcnn" and not tcnn_available():
@@ -304,7 +311,8 @@ class HashGridEncoding(nn.Module):
             f"n_input_dims={self.n_input_dims}, n_levels={self.n_levels}, "
             f"n_features_per_level={self.n_features_per_level}, log2_hashmap_size={self.log2_hashmap_size}, "
             f"resolution={self.base_resolution}..{self.max_resolution}, dense_levels={self.n_dense_levels}, "
-            f"backend={self.backend!r}, grad_scale={self.grad_scale}, triton_layout={self.triton_layout}"
+            f"backend={self.backend!r}, grad_scale={self.grad_scale}, triton_layout={self.triton_layout}, "
+            f"run_levels={self.run_levels}"
         )
 
     def __getstate__(self) -> dict:
@@ -443,6 +451,7 @@ class HashGridEncoding(nn.Module):
         return _import_triton_backend().hash_grid_encode(
             x, table, self.level_scale, self.level_multiplier, self.level_size, self.level_offset,
             self.n_dense_levels, self.n_features_per_level, grad_scale, launch_layout=self.triton_layout,
+            run_levels=self.run_levels,
         )
 
 

@@ -54,6 +54,11 @@ BLOCK_POINTS = 128
 NUM_WARPS = 4
 BLOCK_INTERPRETER = 1024
 
+# The backward pass of the RUN_LEVELS coarsest levels sums the table gradient over runs of consecutive points in
+# the same cell corner before adding it (`_runs_add`): covered pixels come in scanline order, so at coarse levels
+# long runs of points fall in one cell, and atomic adds on one address run one after another. Read at every call.
+RUN_LEVELS = 0
+
 
 @triton.jit
 def _load_clamped(ptr, valid, table_ptr):
@@ -78,13 +83,38 @@ def _axis(xc, scale, mult):
 
 
 @triton.jit
+def _segment_add(start_a, sum_a, start_b, sum_b):
+    """Segmented sum (associative): a run restarts where `start` is set."""
+    return start_a | start_b, tl.where(start_b != 0, sum_b, sum_a + sum_b)
+
+
+@triton.jit
+def _runs_add(ptr, rows, values, valid, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Atomically adds values [BLOCK, F_PAD] into rows [BLOCK] of ptr ([rows, F] elements) with one atomic add per
+    run of equal consecutive rows: each run's values are summed first (a segmented scan) and its last point adds
+    the sum. Neighbouring points share cells at the coarse levels, whose atomic adds on one address would
+    otherwise run one after another."""
+    idx = tl.arange(0, BLOCK)
+    rows = tl.where(valid, rows, -1 - idx.to(tl.int64))  # masked points: runs of their own, never added
+    prev = tl.gather(rows, tl.maximum(idx - 1, 0), 0)
+    nxt = tl.gather(rows, tl.minimum(idx + 1, BLOCK - 1), 0)
+    start = ((idx == 0) | (rows != prev)).to(tl.int32)
+    last = (idx == BLOCK - 1) | (rows != nxt)
+    feat = tl.arange(0, F_PAD)
+    start2 = tl.broadcast_to(start[:, None], (BLOCK, F_PAD))
+    _, sums = tl.associative_scan((start2, values), 0, _segment_add)
+    mask = (last & valid)[:, None] & (feat < F)[None, :]
+    tl.atomic_add(ptr + rows[:, None] * F + feat[None, :], sums, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _level(
     level,  # scalar level index
     xc0, xc1, xc2,  # [BLOCK] clamped coordinates (xc1, xc2 unused below D = 2, 3)
     n64,  # [BLOCK] int64 point indices
     valid,  # [BLOCK] n < n_points
     table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
-    scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale,
+    scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale, n_runs,
     D: tl.constexpr,
     F: tl.constexpr,
     F_PAD: tl.constexpr,
@@ -95,8 +125,9 @@ def _level(
     INPUT_GRAD: tl.constexpr,
 ):
     """One level of BLOCK points. Forward: stores the level's [BLOCK, F] slice of the output.
-    Backward: adds the table gradient atomically and returns this level's d out / d x (dimensions
-    0..2, times s_l, not yet masked to the cube; zeros where not computed)."""
+    Backward: adds the table gradient atomically (levels below n_runs: once per run of points in one
+    cell corner, `_runs_add`) and returns this level's d out / d x (dimensions 0..2, times s_l, not
+    yet masked to the cube; zeros where not computed)."""
     feat = tl.arange(0, F_PAD)
     valid_f = valid[:, None] & (feat < F)[None, :]
     dtype = table_ptr.dtype.element_ty
@@ -163,7 +194,11 @@ def _level(
             acc += values * weight[:, None]
         else:
             if TABLE_GRAD:
-                tl.atomic_add(grad_table_ptr + element, g_table * weight[:, None], mask=valid_f, sem="relaxed")
+                if level < n_runs:
+                    _runs_add(grad_table_ptr, first_row + row.to(tl.int64), g_table * weight[:, None], valid,
+                              F, F_PAD, BLOCK)
+                else:
+                    tl.atomic_add(grad_table_ptr + element, g_table * weight[:, None], mask=valid_f, sem="relaxed")
             if INPUT_GRAD:
                 values = tl.load(table_ptr + element, mask=valid_f, other=0.0)
                 dot = tl.sum(values * g, axis=1)  # d loss / d weight of this corner
@@ -215,6 +250,7 @@ def _hash_grid_kernel(
     stride_xd,
     n_dense,  # levels 0 .. n_dense - 1 are dense, the others hashed
     grad_scale,  # multiplies the table gradient only
+    n_runs,  # backward: levels 0 .. n_runs - 1 add their table gradient once per run of points (`_runs_add`)
     D: tl.constexpr,
     F: tl.constexpr,
     F_PAD: tl.constexpr,  # F rounded up to a power of two (Triton block shapes)
@@ -246,7 +282,7 @@ def _hash_grid_kernel(
         for level in range(L):
             dx0, dx1, dx2 = _level(
                 level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
-                scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale,
+                scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale, n_runs,
                 D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD,
             )
             if INPUT_GRAD:
@@ -265,7 +301,7 @@ def _hash_grid_kernel(
         level = tl.program_id(1)
         dx0, dx1, dx2 = _level(
             level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
-            scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale,
+            scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale, n_runs,
             D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD,
         )
         if INPUT_GRAD:
@@ -294,11 +330,13 @@ def _launch(
     grad_x: Tensor | None = None,
     grad_scale: float = 1.0,
     launch_layout: str | None = None,
+    run_levels: int | None = None,
 ) -> None:
     """One kernel launch: the forward pass when `out` is given, else the backward pass.
 
     launch_layout: "levels" or "points" (see the module docstring); None takes LAUNCH_LAYOUT's
     entry for the pass. grad_x must be zero-initialised for the `levels` layout only.
+    run_levels: the backward's levels that add once per run of points (`_runs_add`); None: RUN_LEVELS.
     """
     level_scale, level_multiplier, level_size, level_offset, n_dense = layout
     n_points, n_dims = x.shape
@@ -323,6 +361,7 @@ def _launch(
         dummy if grad_table is None else grad_table, dummy if grad_x is None else grad_x,
         level_scale, level_multiplier, level_size, level_offset,
         n_points, x.stride(0), x.stride(1), n_dense, float(grad_scale),
+        RUN_LEVELS if run_levels is None else int(run_levels),
     )
     meta = dict(
         D=n_dims, F=n_features, F_PAD=triton.next_power_of_2(n_features), L=n_levels, BLOCK=block,
@@ -342,7 +381,7 @@ class _HashGridFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, table: Tensor, layout: tuple, n_features: int, grad_scale: float,
-                launch_layout: tuple[str, str] | None) -> Tensor:
+                launch_layout: tuple[str, str] | None, run_levels: int | None) -> Tensor:
         n_levels = layout[0].shape[0]
         out = torch.empty(x.shape[0], n_levels * n_features, dtype=table.dtype, device=x.device)
         if x.shape[0] > 0:
@@ -350,11 +389,12 @@ class _HashGridFunction(torch.autograd.Function):
         ctx.save_for_backward(x, table, *layout[:4])
         ctx.n_dense, ctx.n_features, ctx.grad_scale = layout[4], n_features, grad_scale
         ctx.launch_layout = LAUNCH_LAYOUT["backward"] if launch_layout is None else launch_layout[1]
+        ctx.run_levels = run_levels
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None]:
         x, table, *buffers = ctx.saved_tensors
         layout = (*buffers, ctx.n_dense)
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -368,10 +408,11 @@ class _HashGridFunction(torch.autograd.Function):
             _launch(
                 x, table, layout, ctx.n_features, grad_out=grad_out.to(table.dtype).contiguous(),
                 grad_table=grad_table, grad_x=grad_x, grad_scale=ctx.grad_scale, launch_layout=launch_layout,
+                run_levels=ctx.run_levels,
             )
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_table, None, None, None, None
+        return grad_x, grad_table, None, None, None, None, None
 
 
 def hash_grid_encode(
@@ -385,6 +426,7 @@ def hash_grid_encode(
     n_features: int,
     grad_scale: float = 1.0,
     launch_layout: tuple[str, str] | None = None,
+    run_levels: int | None = None,
 ) -> Tensor:
     """Multi-resolution hash encoding by the Triton kernels, differentiable w.r.t. table and x.
 
@@ -393,7 +435,8 @@ def hash_grid_encode(
     level_scale [L] float32, level_multiplier [L, D] int64, level_size / level_offset [L] int64:
     `HashGridEncoding`'s buffers; levels below n_dense_levels are dense.
     grad_scale multiplies the table's gradient (not x's). launch_layout: (forward, backward) layouts
-    (None: LAUNCH_LAYOUT's, read when each pass runs). Returns [N, L * n_features] in the table's
+    (None: LAUNCH_LAYOUT's, read when each pass runs). run_levels: the backward's levels that add
+    once per run of points (`_runs_add`; None: RUN_LEVELS, read when the backward runs). Returns [N, L * n_features] in the table's
     dtype, level-major.
     """
     n_dims = x.shape[1]
@@ -412,4 +455,4 @@ def hash_grid_encode(
     if launch_layout is not None and not set(launch_layout) <= set(LAUNCH_LAYOUTS):
         raise ValueError(f"Unknown hash-grid launch layouts {launch_layout}; use two of {LAUNCH_LAYOUTS}.")
     return _HashGridFunction.apply(x, table.contiguous(), layout, int(n_features), float(grad_scale),
-                                   None if launch_layout is None else tuple(launch_layout))
+                                   None if launch_layout is None else tuple(launch_layout), run_levels)
