@@ -67,7 +67,7 @@ class HashGridConfig:
     base_resolution: int = 16
     max_resolution: int = 4096
     triton_layout: Optional[str] = None   # Triton kernel launch layout: levels | points | FORWARD/BACKWARD; null: levels
-    run_levels: Optional[int] = None      # Triton backward: coarsest levels adding once per run of points; null: default
+    run_levels: Optional[int] = None      # Triton backward: coarsest levels adding once per run of points; null: all
 
 
 @dataclass

@@ -194,7 +194,7 @@ class HashGridEncoding(nn.Module):
     (`hash_grid_triton`'s docstring); None: that module's LAUNCH_LAYOUT (levels).
     run_levels: the Triton backward adds the table gradient of the run_levels coarsest levels once per
     run of consecutive points in one cell corner (`hash_grid_triton._runs_add`); None: that module's
-    RUN_LEVELS.
+    RUN_LEVELS (all levels).
     """
 
     def __init__(
