@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from recon.gather import take_rows
 from recon.geometry.mesh import Mesh, normals_with_faces
-from recon.geometry.tet_grid import TET_EDGE_CORNERS, make_tet_grid, tet_grid_edges
+from recon.geometry.tet_grid import TET_EDGE_CORNERS, lattice_verts, make_tet_grid, tet_grid_edges
 from recon.optional import optional_module
 
 # Marching-tets case table. Case = sum of 2^i over the inside corners i of a tet; entries index the
@@ -141,11 +141,10 @@ class DMTetGeometry(nn.Module):
     (`recon.geometry.marching_tets_triton`): the same edges and faces, one wait for the device per extraction
     instead of five and a few launches instead of some forty. False, or without triton, `marching_tets_topology`.
 
-    Grid and case tables (`verts`, `tets`, `edges`, ...) are non-persistent buffers: `.to()` moves
-    them, checkpoints hold only the parameters `sdf [Nv]` and `deform [Nv,3]` (the grid is rebuilt
-    from the arguments).
-    At tet_grid=128 the tables take ~0.7 GB (12.6M tets, 14.8M edges): with DDP, leave them out of
-    buffer broadcasting (they never change).
+    `verts` and the case tables are non-persistent buffers: `.to()` moves them, checkpoints hold only
+    the parameters `sdf [Nv]` and `deform [Nv,3]` (the grid is rebuilt from the arguments). `tets` and
+    `edges` (~0.6 GB at tet_grid=128: 12.6M tets, 14.8M edges) are built on first use on the sdf's
+    device, and are no buffers: nothing to broadcast under DDP.
     """
 
     def __init__(
@@ -163,10 +162,9 @@ class DMTetGeometry(nn.Module):
         self._lattice_tables: tuple[Tensor, ...] | None = None  # `lattice_tables` on the sdf's device
         self.tet_grid, self.scale, self.deform_scale = int(tet_grid), float(scale), float(deform_scale)
         self.center = tuple(float(c) for c in center)
-        verts, tets = make_tet_grid(self.tet_grid, self.scale, self.center)
+        verts = lattice_verts(self.tet_grid, self.scale, self.center)
         self.register_buffer("verts", verts, persistent=False)
-        self.register_buffer("tets", tets, persistent=False)
-        self.register_buffer("edges", tet_grid_edges(self.tet_grid), persistent=False)
+        self._grid: dict[str, Tensor] = {}  # `tets` and `edges`, built on first use (see `_grid_table`)
         self.register_buffer("tet_edge_corners", TET_EDGE_CORNERS.clone(), persistent=False)
         self.register_buffer("triangle_table", TRIANGLE_TABLE.clone(), persistent=False)
         self.register_buffer("num_triangles", NUM_TRIANGLES.clone(), persistent=False)
@@ -179,6 +177,28 @@ class DMTetGeometry(nn.Module):
             raise ValueError(f"geometry.sdf_init={sdf_init!r} is not known: use 'sphere' or 'random'.")
         self.sdf = nn.Parameter(sdf)
         self.deform = nn.Parameter(torch.zeros_like(verts))
+
+    @property
+    def tets(self) -> Tensor:
+        """The grid's tets `[6 res^3, 4] int64` (`make_tet_grid`) on the sdf's device, built on first use: on CUDA
+        marching tets works on the lattice (`lattice_kernel`) and never needs them (0.4 GB at tet_grid=128)."""
+        return self._grid_table("tets", lambda: make_tet_grid(self.tet_grid, self.scale, self.center)[1])
+
+    @property
+    def edges(self) -> Tensor:
+        """The grid's edges `[2, Ne] int64` (`tet_grid_edges`) on the sdf's device, built on first use (the sdf
+        regulariser needs them only when no extraction of the current sdf gave its crossing edges)."""
+        return self._grid_table("edges", lambda: tet_grid_edges(self.tet_grid))
+
+    def _grid_table(self, name: str, build) -> Tensor:
+        """A grid table on the sdf's device: kept once built (moved, not rebuilt, when the module changes device)."""
+        table = self._grid.get(name)
+        if table is None:
+            table = build()
+        if table.device != self.sdf.device:
+            table = table.to(self.sdf.device)
+        self._grid[name] = table
+        return table
 
     @property
     def cell_size(self) -> float:
@@ -265,6 +285,6 @@ class DMTetGeometry(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"tet_grid={self.tet_grid}, scale={self.scale}, center={self.center}, "
-            f"deform_scale={self.deform_scale}, verts={self.verts.shape[0]}, tets={self.tets.shape[0]}"
+            f"deform_scale={self.deform_scale}, verts={self.verts.shape[0]}, tets={6 * self.tet_grid ** 3}"
         )
 

@@ -43,7 +43,8 @@ def _kuhn_corners() -> np.ndarray:
     return np.stack(tets)
 
 
-def _lattice_verts(res: int, scale: float, center: Sequence[float] | Tensor) -> Tensor:
+def lattice_verts(res: int, scale: float, center: Sequence[float] | Tensor) -> Tensor:
+    """The grid's vertices `[(res+1)^3, 3] float32` (`make_tet_grid`'s first output) alone."""
     axis = torch.linspace(-0.5, 0.5, res + 1, dtype=torch.float64) * scale
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
     center = torch.as_tensor(center, dtype=torch.float64).reshape(1, 3)
@@ -62,7 +63,7 @@ def make_tet_grid(
     if res < 1:
         raise ValueError(f"make_tet_grid needs res >= 1 cells per side, got res={res}.")
     n = res + 1
-    verts = _lattice_verts(res, scale, center)
+    verts = lattice_verts(res, scale, center)
 
     corners = torch.from_numpy(_kuhn_corners())  # [6,4,3]
     corner_offset = (corners[..., 0] * n + corners[..., 1]) * n + corners[..., 2]  # [6,4]

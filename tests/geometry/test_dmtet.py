@@ -321,6 +321,7 @@ def _lattice_and_generic_steps(device: str, grid: int = 24, steps: int = 4) -> N
             lattice.sdf.add_(d)
             generic.sdf.add_(d)
     assert lattice._lattice_tables is not None and generic._lattice_tables is None  # each took its path
+    assert "tets" not in lattice._grid and "tets" in generic._grid  # the lattice needs no tet table
 
 
 @pytest.mark.gpu

@@ -66,8 +66,9 @@ def test_the_lattice_kernels_are_a_cuda_default():
     from recon.geometry.dmtet import DMTetGeometry
 
     assert compose_config(["experiment=nerf800"]).model.geometry.lattice_kernel is True
-    geo = DMTetGeometry(tet_grid=6)  # on the CPU the generic topology runs, and no tables are built
-    assert geo().faces.shape[0] > 0 and geo._lattice_tables is None
+    geo = DMTetGeometry(tet_grid=6)  # on the CPU the generic topology runs, and no lattice tables are built
+    assert not geo._grid  # the tet table is built on first use
+    assert geo().faces.shape[0] > 0 and geo._lattice_tables is None and geo._grid["tets"].shape == (6 * 6**3, 4)
 
 
 @pytest.mark.gpu
