@@ -208,3 +208,37 @@ def test_pass1_export_in_background_and_its_failure(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"pass-1 export into .*pass1 failed: OSError\('disk full'\)"):
         run_fit(compose_config(tiny, out_dir=str(run)), str(run))
     assert not (run / "pass1" / "mesh.obj").exists() and not (run / "mesh.obj").exists()
+
+
+def test_validation_images_are_written_on_a_worker_thread():
+    """`ReconSystem._log_image` hands add_image to a worker thread (host copies of the images); `flush_images` waits
+    for the writes, and a failed write raises there with its own error."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    from recon.system import ReconSystem
+
+    written, release = [], threading.Event()
+
+    def add_image(tag, image, step):
+        release.wait(5)
+        if tag == "bad":
+            raise OSError("disk full")
+        written.append((tag, image.device.type, tuple(image.shape), step, threading.current_thread().name))
+
+    fake = SimpleNamespace(_image_thread=None, _image_jobs=[], global_step=7,
+                           logger=SimpleNamespace(experiment=SimpleNamespace(add_image=add_image)))
+    fake._log_image = lambda tag, image: ReconSystem._log_image(fake, tag, image)
+    fake._log_image("val/a", torch.rand(3, 4, 5))
+    fake.global_step = 8
+    fake._log_image("val/b", torch.rand(3, 2, 2))
+    assert written == []  # the writes wait on the worker; the caller did not
+    release.set()
+    ReconSystem.flush_images(fake)
+    assert [w[:4] for w in written] == [("val/a", "cpu", (3, 4, 5), 7), ("val/b", "cpu", (3, 2, 2), 8)]
+    assert all(w[4].startswith("recon-images") for w in written) and fake._image_thread is None
+    fake._log_image("bad", torch.rand(3, 2, 2))
+    with pytest.raises(OSError, match="disk full"):
+        ReconSystem.flush_images(fake)
