@@ -43,7 +43,7 @@ def spatial_chunks(points: np.ndarray, max_size: int) -> list[np.ndarray]:
     return done[::-1]
 
 
-def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: int = 6000) -> Mesh:
+def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: int = 3000) -> Mesh:
     """UV-unwrap ``mesh`` with xatlas: returns a copy with ``uv`` [Nuv,2] in [0,1] and ``uv_faces`` [Nf,3].
 
     Positions and faces are kept (texture seams live in the separate UV index buffer, as in OBJ). resolution: the
