@@ -42,7 +42,8 @@ TEXTURE_BYTES_PER_TEXEL = 200       # pass 2's [R,R,9] float32 texture: value, g
 BAKE_BYTES_PER_TEXEL = 64           # a bake without pass 2 (pass2_steps=0): the [R,R,9] result and the UV G-buffer
 # -- measured on the CPU with the modules alone (peak resident memory growth of two forward/backward/Adam steps) ----
 TET_BYTES_PER_CELL = 488            # DMTetGeometry(tet_grid=128) built and stepped: 1.02 GB / 128^3 cells (the [6G^3,4]
-#                                     int64 tet table alone is 192 B per cell)
+#                                     int64 tet table alone is 192 B per cell; on CUDA with model.geometry.lattice_kernel
+#                                     that table is never built, so there this over-counts by 192 B per cell)
 LIGHT_BYTES_PER_TEXEL = 3700        # EnvironmentLight(base_res=512) per texel of a cube face: its prefilter operator
 #                                     (CSR matrix and transpose with 32-bit indices, 26.3M entries, kept: 2.8 KB) and
 #                                     a build_mips + backward + Adam step (0.9 KB)
