@@ -289,7 +289,7 @@ class ReconSystem(L.LightningModule):
     def _log_image(self, tag: str, image: Tensor) -> None:
         """``add_image`` on a worker thread, the image copied to the host first: encoding the PNG of an 800x800
         validation grid takes 0.2-0.9 s of CPU, which the training loop would otherwise wait for at every
-        validation. A failed write raises at the next image or at the end of the fit (`on_fit_end`)."""
+        validation. A failed write raises at the next image or at the end of the stage (`teardown`)."""
         image = image.detach().float().cpu()
         for job in [j for j in self._image_jobs if j.done()]:
             self._image_jobs.remove(job)
@@ -310,8 +310,8 @@ class ReconSystem(L.LightningModule):
             if thread is not None:
                 thread.shutdown(wait=True)
 
-    def on_fit_end(self) -> None:
-        self.flush_images()
+    def teardown(self, stage: str) -> None:
+        self.flush_images()  # before Lightning finalizes the logger (fit, validate and test alike)
 
     # ------------------------------------------------------------------------------------------ passes
     @torch.no_grad()

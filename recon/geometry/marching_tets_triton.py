@@ -145,9 +145,14 @@ def lattice_topology(inside: Tensor, res: int, tables: tuple[Tensor, ...] | None
     """
     n = res + 1
     n_verts = inside.shape[0]
+    if n ** 3 * 7 >= 2**31:
+        raise ValueError(f"lattice marching tets numbers edges in 32 bits: a grid of {res} cells per side has too many "
+                         "(at most 660). Use model.geometry.lattice_kernel=false for it.")
     if n_verts != n ** 3:
         raise ValueError(f"lattice marching tets: {n_verts} occupancy values for a grid of {res} cells per side, "
                          f"which has {n ** 3} vertices.")
+    if inside.dtype != torch.bool:
+        raise ValueError(f"lattice marching tets needs a bool occupancy, got {inside.dtype}.")
     device = inside.device
     if tables is None:
         tables = lattice_tables(res, device)

@@ -54,11 +54,15 @@ def test_lattice_topology_equals_the_generic_one_in_triton_interpreter(in_triton
 
 
 @needs_triton
-def test_lattice_topology_names_a_wrong_occupancy_size():
+def test_lattice_topology_names_a_wrong_occupancy_or_grid():
     from recon.geometry.marching_tets_triton import lattice_topology
 
     with pytest.raises(ValueError, match="64 occupancy values for a grid of 4 cells per side, which has 125"):
         lattice_topology(torch.zeros(64, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="needs a bool occupancy, got torch.uint8"):
+        lattice_topology(torch.zeros(125, dtype=torch.uint8), 4)
+    with pytest.raises(ValueError, match="at most 660.*lattice_kernel=false"):
+        lattice_topology(torch.zeros(8, dtype=torch.bool), 700)
 
 
 def test_the_lattice_kernels_are_a_cuda_default():
