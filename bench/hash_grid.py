@@ -237,7 +237,7 @@ def format_row(row: dict, rows: list[dict]) -> str:
     """One Markdown table row; the speed-up is relative to the torch backend's row of the same case."""
     case = (row["n_points"], row["points"], row["input_grad"])
     backend = row["backend"] if row.get("launch_layout") is None else f"{row['backend']} {row['launch_layout']}"
-    if row.get("run_levels"):
+    if row.get("run_levels") is not None:
         backend += f" runs<{row['run_levels']}"
     lead = f"| {row['n_points']:,} | {row['points']} | {'yes' if row['input_grad'] else 'no'} | {backend} "
     if "error" in row:

@@ -4,7 +4,9 @@ One kernel serves the forward and the backward pass. For BLOCK points and one le
 the lattice cell, the 2^D corner rows (dense or hashed) and the D-linear weights in registers,
 then either gathers and sums the corner features (forward) or atomically adds weight * upstream
 gradient into the table gradient and, when the points need a gradient, accumulates d out / d x
-over the corners. Nothing but the inputs is saved between the passes.
+over the corners. Nothing but the inputs is saved between the passes. The table gradient of a
+corner is first summed over each run of consecutive points that share it (a segmented scan,
+`_runs_add`, for the RUN_LEVELS coarsest levels): one atomic add per run instead of per point.
 
 Two launch layouts compute the same values. Each pass takes the layout its encoding names
 (`HashGridEncoding(triton_layout=...)`, model.material.encoding.triton_layout) or else LAUNCH_LAYOUT's
@@ -441,8 +443,8 @@ def hash_grid_encode(
     `HashGridEncoding`'s buffers; levels below n_dense_levels are dense.
     grad_scale multiplies the table's gradient (not x's). launch_layout: (forward, backward) layouts
     (None: LAUNCH_LAYOUT's, read when each pass runs). run_levels: the backward's levels that add
-    once per run of points (`_runs_add`; None: RUN_LEVELS, read when the backward runs). Returns [N, L * n_features] in the table's
-    dtype, level-major.
+    once per run of points (`_runs_add`; None: RUN_LEVELS, read when the backward runs). Returns
+    [N, L * n_features] in the table's dtype, level-major.
     """
     n_dims = x.shape[1]
     if not 1 <= n_dims <= MAX_INPUT_DIMS:
