@@ -63,6 +63,8 @@ BLOCK_INTERPRETER = 1024
 # with 5 and 2.23 ms with all 16 (bench/results/hash-grid-runs-cuda-nvidia-h200.json). Triton's interpreter runs
 # the scan as a slow Python loop: there None means no level (tests ask for runs explicitly). Read at every call.
 RUN_LEVELS: int | None = None
+# `tl.gather` (Triton 3.2 on) finds each point's neighbours in the block; older Triton adds point by point.
+RUNS_SUPPORTED = hasattr(tl, "gather")
 
 
 @triton.jit
@@ -128,6 +130,7 @@ def _level(
     FORWARD: tl.constexpr,
     TABLE_GRAD: tl.constexpr,
     INPUT_GRAD: tl.constexpr,
+    RUNS: tl.constexpr,
 ):
     """One level of BLOCK points. Forward: stores the level's [BLOCK, F] slice of the output.
     Backward: adds the table gradient atomically (levels below n_runs: once per run of points in one
@@ -199,9 +202,13 @@ def _level(
             acc += values * weight[:, None]
         else:
             if TABLE_GRAD:
-                if level < n_runs:
-                    _runs_add(grad_table_ptr, first_row + row.to(tl.int64), g_table * weight[:, None], valid,
-                              F, F_PAD, BLOCK)
+                if RUNS:  # compiled in only where some level sums over runs (and tl.gather exists)
+                    if level < n_runs:
+                        _runs_add(grad_table_ptr, first_row + row.to(tl.int64), g_table * weight[:, None], valid,
+                                  F, F_PAD, BLOCK)
+                    else:
+                        tl.atomic_add(grad_table_ptr + element, g_table * weight[:, None], mask=valid_f,
+                                      sem="relaxed")
                 else:
                     tl.atomic_add(grad_table_ptr + element, g_table * weight[:, None], mask=valid_f, sem="relaxed")
             if INPUT_GRAD:
@@ -264,6 +271,7 @@ def _hash_grid_kernel(
     FORWARD: tl.constexpr,
     TABLE_GRAD: tl.constexpr,
     INPUT_GRAD: tl.constexpr,  # backward only
+    RUNS: tl.constexpr,  # backward: run sums compiled in (n_runs > 0 and `tl.gather` available)
     ALL_LEVELS: tl.constexpr,  # `points` layout: grid [ceil(N / BLOCK)], else `levels`: [ceil(N / BLOCK), L]
 ):
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -288,7 +296,7 @@ def _hash_grid_kernel(
             dx0, dx1, dx2 = _level(
                 level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
                 scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale, n_runs,
-                D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD,
+                D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD, RUNS,
             )
             if INPUT_GRAD:
                 gx0 += dx0
@@ -307,7 +315,7 @@ def _hash_grid_kernel(
         dx0, dx1, dx2 = _level(
             level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
             scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale, n_runs,
-            D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD,
+            D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD, RUNS,
         )
         if INPUT_GRAD:
             # The L levels of a point meet in the atomic sum.
@@ -345,9 +353,12 @@ def _launch(
     """
     if run_levels is None:
         run_levels = RUN_LEVELS if RUN_LEVELS is not None or not interpreting() else 0
+    if not RUNS_SUPPORTED:
+        run_levels = 0
     level_scale, level_multiplier, level_size, level_offset, n_dense = layout
     n_points, n_dims = x.shape
     n_levels = level_scale.shape[0]
+    n_runs = n_levels if run_levels is None else int(run_levels)
     forward = out is not None
     if launch_layout is None:
         launch_layout = LAUNCH_LAYOUT["forward" if forward else "backward"]
@@ -367,12 +378,12 @@ def _launch(
         x, table, dummy if out is None else out, dummy if grad_out is None else grad_out,
         dummy if grad_table is None else grad_table, dummy if grad_x is None else grad_x,
         level_scale, level_multiplier, level_size, level_offset,
-        n_points, x.stride(0), x.stride(1), n_dense, float(grad_scale),
-        n_levels if run_levels is None else int(run_levels),
+        n_points, x.stride(0), x.stride(1), n_dense, float(grad_scale), n_runs,
     )
     meta = dict(
         D=n_dims, F=n_features, F_PAD=triton.next_power_of_2(n_features), L=n_levels, BLOCK=block,
         FORWARD=forward, TABLE_GRAD=grad_table is not None, INPUT_GRAD=grad_x is not None, ALL_LEVELS=all_levels,
+        RUNS=not forward and grad_table is not None and n_runs > 0,
     )
     if interpret:
         _hash_grid_kernel[grid](*args, **meta)

@@ -444,3 +444,31 @@ def test_run_sums_match_torch_backend(config, device, launch):
 def test_run_levels_out_of_range_is_refused():
     with pytest.raises(ValueError, match="run_levels=7 must be in 0..n_levels=6"):
         HashGridEncoding(backend="torch", run_levels=7, **SMALL)
+
+
+@needs_triton
+@pytest.mark.parametrize("supported", [True, False])
+def test_run_sums_are_compiled_in_only_where_they_run(supported, monkeypatch):
+    """The backward compiles the run sums in (constexpr RUNS) only when some level uses them and Triton has
+    `tl.gather` (3.2 on); with an older Triton every level adds point by point."""
+    from recon.materials import hash_grid_triton
+
+    launches = []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append((meta["FORWARD"], args[-1], meta["RUNS"]))  # n_runs last
+
+    monkeypatch.setattr(hash_grid_triton, "_hash_grid_kernel", Record())
+    monkeypatch.setattr(hash_grid_triton, "interpreting", lambda: True)  # CPU tensors, no device context
+    monkeypatch.setattr(hash_grid_triton, "RUNS_SUPPORTED", supported)
+    enc = HashGridEncoding(backend="torch", **SMALL)
+    for run_levels in (4, 0):
+        x = torch.rand(10, 3, requires_grad=True)
+        out = hash_grid_triton.hash_grid_encode(
+            x, enc.params, enc.level_scale, enc.level_multiplier, enc.level_size, enc.level_offset,
+            enc.n_dense_levels, enc.n_features_per_level, run_levels=run_levels)
+        out.backward(torch.ones_like(out))
+    backward = [(n_runs, runs) for forward, n_runs, runs in launches if not forward]
+    assert backward == [(4, True), (0, False)] if supported else [(0, False), (0, False)]
+    assert not any(runs for forward, _, runs in launches if forward)
