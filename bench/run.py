@@ -406,7 +406,14 @@ def result_markdown(r: dict) -> str:
                    + ("warm start: scene cached, plugin and kernels compiled by an earlier run" if r.get("warm_start")
                       else "warm caches left by earlier runs on this machine" if left else "cold start") + ").")
     startup = r.get("startup_seconds")
-    if startup:
+    if startup and "imported" in startup:
+        passes += (f" Since the training process started: imports done at {startup['imported']:.1f} s, config and run "
+                   f"folder at {startup.get('run_fit', float('nan')):.1f} s, everything built (data module, model, "
+                   f"trainer) at {startup.get('built', float('nan')):.1f} s, data ready (scene, frames) at "
+                   f"{startup['data_ready']:.1f} s, fit start (model on the device, optimisers) at "
+                   f"{startup['fit_start']:.1f} s, first step from {startup['first_step_start']:.1f} s to "
+                   f"{startup['first_step_end']:.1f} s.")
+    elif startup:
         passes += (" Since the training process started: data ready (imports, config, scene, frames) at "
                    f"{startup['data_ready']:.1f} s, fit start (model on the device, optimisers) at "
                    f"{startup['fit_start']:.1f} s, first step from {startup['first_step_start']:.1f} s to "

@@ -22,6 +22,20 @@ from recon.resources import ResourceError, check_resources
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # train.py's config_path
 
+# Seconds since the process started at the steps before a fit (`mark_startup`): "imported" (train.py, its imports
+# done), "run_fit" (Hydra's config and run folder ready), "memory_checked" and "built" (data module, model,
+# callbacks, logger and trainer instantiated). The MeshExport callback adds them to timing.json's startup_seconds.
+startup_marks: dict[str, float] = {}
+
+
+def mark_startup(name: str) -> None:
+    """Record `startup_marks[name]` now (nothing where the process's age is not known)."""
+    from recon.callbacks.mesh_export import process_age
+
+    age = process_age()
+    if age is not None:
+        startup_marks[name] = age
+
 
 def compose_config(overrides: Sequence[str] = (), out_dir: str | Path | None = None) -> DictConfig:
     """``conf/train.yaml`` composed with Hydra ``key=value`` overrides: the config ``train.py`` would get.
@@ -64,6 +78,9 @@ def run_fit(cfg: DictConfig, out_dir: str | Path, extra_callbacks: Sequence[L.Ca
     anything is built; out of memory, non-finite values, SIGTERM, a cancellation, with their checkpoint. Anything
     else passes through (a DataError names the input file and the fix).
     """
+    for name in [k for k in startup_marks if k != "imported"]:  # an earlier fit in this process
+        del startup_marks[name]
+    mark_startup("run_fit")
     L.seed_everything(cfg.seed, workers=True)
     write_run_config(cfg, out_dir)  # config_resolved.yaml + version
     if cfg.check_resources:
@@ -72,11 +89,13 @@ def run_fit(cfg: DictConfig, out_dir: str | Path, extra_callbacks: Sequence[L.Ca
         except ResourceError as e:
             rank_zero_only(write_failure)(out_dir, e.report)
             raise
+    mark_startup("memory_checked")
     datamodule = hydra.utils.instantiate(cfg.data)
     system = hydra.utils.instantiate(cfg.model)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()] + list(extra_callbacks)
     logger = hydra.utils.instantiate(cfg.logger)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    mark_startup("built")
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except (torch.OutOfMemoryError, FloatingPointError, SIGTERMException, FitCancelled):

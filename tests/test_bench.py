@@ -103,10 +103,16 @@ def test_writers_json_markdown_and_summary(tmp_path):
          "stages": {}, "step_ms": {}, "pass2": None, "profile_steps": 0}  # --profile-steps 0: the run alone
     md = bench.write_result(r, tmp_path)[1].read_text()
     assert "Overrides: `model.render.compile=off`." in md and "No per-stage profile" in md and "| light |" not in md
+    marks = {"imported": 1.25, "run_fit": 1.5, "memory_checked": 1.75, "built": 2.0}  # train.py's own milestones
+    r = {**fake_result("quick"), "name": "quick-marks",
+         "startup_seconds": {**marks, **fake_result("quick")["startup_seconds"]}}
+    md = bench.write_result(r, tmp_path)[1].read_text()
+    assert ("imports done at 1.2 s, config and run folder at 1.5 s, everything built (data module, model, trainer) "
+            "at 2.0 s, data ready (scene, frames) at 2.5 s") in md
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
     summary = bench.write_summary(tmp_path).read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| preset")]
-    assert len(rows) == 3 and {r.split(" | ")[0][2:] for r in rows} == {"cpu-small", "quick", "quick-eager"}
+    assert len(rows) == 4 and {r.split(" | ")[0][2:] for r in rows} == {"cpu-small", "quick", "quick-eager", "quick-marks"}
     assert "| 40.0 |" in rows[0] and "| 25.00 |" in rows[0] and "| 0.8000 |" in rows[0]
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 

@@ -67,7 +67,10 @@ def test_short_fit_writes_all_outputs(tmp_path):
         "pass2_first_steps_seconds"] < timing["fit_seconds"]
     assert 0 < timing["export_write_seconds"] <= timing["export_seconds"]
     startup = timing["startup_seconds"]  # since the process started, in the order a fit reaches them
-    assert 0 < startup["data_ready"] <= startup["fit_start"] <= startup["first_step_start"] <= startup["first_step_end"]
+    order = ["imported", "run_fit", "memory_checked", "built", "data_ready", "fit_start", "first_step_start",
+             "first_step_end"]
+    assert list(startup) == order, list(startup)  # train.py's own steps first (recon.fit.startup_marks)
+    assert 0 < startup["imported"] and all(startup[a] <= startup[b] for a, b in zip(order, order[1:]))
     assert startup["first_step_end"] < proc_seconds
     summary = proc.stdout + proc.stderr  # the closing summary: where the exports are, the metrics, the time
     assert f"recon finished: {run}" in summary and "mesh.obj, mesh.glb, probe.hdr" in summary and "PSNR" in summary

@@ -225,6 +225,9 @@ class MeshExport(L.Callback):
             listener(stage)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from recon.fit import startup_marks
+
+        self._startup.update(startup_marks)  # imports, config, memory check, instantiation (where run_fit ran)
         self._startup["data_ready"] = process_age()  # after the data module's prepare_data and setup
 
     @rank_zero_only
