@@ -44,41 +44,44 @@ def _offset(m: tl.constexpr, n):
 
 
 @triton.jit
-def _corners(inside_ptr, v, i, j, k, n, valid):
-    """The vertex's inside bit, the mask of its in-bounds steps and the cell mask of the cell whose lower corner it
-    is (bit m: corner m inside; only meaningful where `is_cell`)."""
+def _in_bounds(i, j, k, n, valid, m: tl.constexpr):
+    """Whether the vertex (i, j, k) plus step m lies in the grid of n vertices per side."""
+    return valid & (i + ((m >> 2) & 1) < n) & (j + ((m >> 1) & 1) < n) & (k + (m & 1) < n)
+
+
+@triton.jit
+def _vertex_block(inside_ptr, n_verts, n, BLOCK: tl.constexpr):
+    """This program's BLOCK vertices: (v int64, valid, i, j, k, mask, is_cell). Bit m of mask: the vertex plus step
+    m is inside (0 off the grid), so where `is_cell` it is the occupancy of the cell whose lower corner v is."""
+    v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = v < n_verts
+    k = v % n
+    j = (v // n) % n
+    i = v // (n * n)
     res = n - 1
     is_cell = valid & (i < res) & (j < res) & (k < res)
     mask = tl.zeros(v.shape, dtype=tl.int32)
     for m in tl.static_range(8):
-        inb = valid & (i + ((m >> 2) & 1) < n) & (j + ((m >> 1) & 1) < n) & (k + (m & 1) < n)
-        bit = tl.load(inside_ptr + v + _offset(m, n), mask=inb, other=0).to(tl.int32)
+        bit = tl.load(inside_ptr + v + _offset(m, n), mask=_in_bounds(i, j, k, n, valid, m), other=0).to(tl.int32)
         mask = mask | (bit << m)
-    return mask, is_cell
+    return v.to(tl.int64), valid, i, j, k, mask, is_cell
 
 
 @triton.jit
 def _flag(mask, i, j, k, n, valid, m: tl.constexpr):
     """Whether the edge from the vertex along step m exists and joins an inside and an outside vertex."""
-    inb = valid & (i + ((m >> 2) & 1) < n) & (j + ((m >> 1) & 1) < n) & (k + (m & 1) < n)
-    return inb & (((mask >> m) & 1) != (mask & 1))
+    return _in_bounds(i, j, k, n, valid, m) & (((mask >> m) & 1) != (mask & 1))
 
 
 @triton.jit(do_not_specialize=["n_verts", "n"])
 def _count_kernel(inside_ptr, flags_ptr, faces_per_cell_ptr, cell_faces_ptr, n_verts, n, BLOCK: tl.constexpr):
     """flags [Nv, 7] int32: crossing edge (vertex, step m = 1..7); faces_per_cell [Nv] int32: faces of the cell at
     this lower corner (0 where none)."""
-    v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = v < n_verts
-    k = v % n
-    j = (v // n) % n
-    i = v // (n * n)
-    mask, is_cell = _corners(inside_ptr, v, i, j, k, n, valid)
-    v64 = v.to(tl.int64)
+    v64, valid, i, j, k, mask, is_cell = _vertex_block(inside_ptr, n_verts, n, BLOCK)
     for m in tl.static_range(1, 8):
         tl.store(flags_ptr + v64 * 7 + (m - 1), _flag(mask, i, j, k, n, valid, m).to(tl.int32), mask=valid)
     count = tl.load(cell_faces_ptr + mask, mask=is_cell, other=0)
-    tl.store(faces_per_cell_ptr + v, count, mask=valid)
+    tl.store(faces_per_cell_ptr + v64, count, mask=valid)
 
 
 @triton.jit(do_not_specialize=["n_verts", "n"])
@@ -88,20 +91,14 @@ def _write_kernel(
     case_ptr, num_tri_ptr, tri_table_ptr, edge_slot_ptr,  # tables (see the module docstring)
     n_verts, n, BLOCK: tl.constexpr,
 ):
-    v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = v < n_verts
-    k = v % n
-    j = (v // n) % n
-    i = v // (n * n)
-    mask, is_cell = _corners(inside_ptr, v, i, j, k, n, valid)
-    v64 = v.to(tl.int64)
+    v64, valid, i, j, k, mask, is_cell = _vertex_block(inside_ptr, n_verts, n, BLOCK)
     for m in tl.static_range(1, 8):
         flag = _flag(mask, i, j, k, n, valid, m)
         edge = tl.load(edge_end_ptr + v64 * 7 + (m - 1), mask=flag, other=1).to(tl.int64) - 1
         tl.store(edges_ptr + edge * 2, v64, mask=flag)
         tl.store(edges_ptr + edge * 2 + 1, v64 + _offset(m, n), mask=flag)
 
-    face = tl.load(face_end_ptr + v - 1, mask=is_cell & (v > 0), other=0).to(tl.int64)  # faces before this cell
+    face = tl.load(face_end_ptr + v64 - 1, mask=is_cell & (v64 > 0), other=0).to(tl.int64)  # faces before this cell
     for t in tl.static_range(6):
         case = tl.load(case_ptr + t * 256 + mask, mask=is_cell, other=0)
         n_tri = tl.load(num_tri_ptr + case, mask=is_cell, other=0)
