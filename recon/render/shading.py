@@ -257,7 +257,7 @@ def shade_gbuffers(
 
     capacity: shade exactly that many rows (`covered_rows`): the covered pixels and padding rows, whose values
     reach no image and whose rows of ``covered`` are zero. ``gb["covered_index"]`` then holds a pixel for every row
-    (padding rows: the last pixel) and ``gb["covered_valid"]`` [N,1] marks the covered ones; ``gb["covered_count"]``
+    (padding rows: a covered pixel again, `covered_rows`) and ``gb["covered_valid"]`` [N,1] marks the covered ones; ``gb["covered_count"]``
     is ``mask.sum()``, more than the capacity when pixels were left out.
     """
     from recon.geometry.mesh import unit_face_normals
