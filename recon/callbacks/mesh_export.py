@@ -17,7 +17,7 @@ from recon.color import linear_to_srgb
 from recon.eval.evaluate import RUN_INFO, evaluate_run, format_table
 from recon.export.gltf import write_glb
 from recon.export.hdr import write_hdr
-from recon.export.obj import atomic_write_bytes, encode_textures, texture_pixels, write_textured_obj
+from recon.export.obj import PNG_LEVEL, atomic_write_bytes, check_png_level, encode_textures, texture_pixels, write_textured_obj
 from recon.geometry.mesh import Mesh
 from recon.materials.pbr import split_channels
 
@@ -26,12 +26,12 @@ EXPORT_FILES = ("probe.hdr", "texture_kd.png", "texture_ks.png", "texture_n.png"
 
 
 def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_latlong: torch.Tensor | None,
-                 to_world=None) -> Path:
+                 to_world=None, png_level: int = PNG_LEVEL) -> Path:
     """Write every export of a textured PBR mesh into ``out_dir``; returns the OBJ path.
 
     mesh: UV-unwrapped. texture: [R,R,9] (kd, ks = occlusion/roughness/metallic, tangent-space normal).
     light_latlong: [H,2H,3] linear HDR or None. to_world: maps the fit's (normalized) positions back to the input's
-    coordinates (``datamodule.normalization.to_world``); None keeps them.
+    coordinates (``datamodule.normalization.to_world``); None keeps them. png_level: the PNGs' zlib level, 0-9.
     Files: ``probe.hdr``, ``texture_kd.png`` (sRGB), ``texture_ks.png``
     (linear ORM, nvdiffrec's layout), ``texture_n.png``, ``mesh.mtl``, ``mesh.glb`` (glTF PBR metallic-roughness;
     its occlusion is 1 - ks.occlusion, glTF's visibility convention) and ``mesh.obj``.
@@ -55,7 +55,7 @@ def write_result(out_dir: str | Path, mesh: Mesh, texture: torch.Tensor, light_l
             write_hdr(stage / "probe.hdr", light_latlong)
         orm = torch.cat([1 - ch["ks"][..., 0:1], ch["ks"][..., 1:3]], -1)
         # the albedo and normal maps are the same PNGs in both files: encoded once, with the others, in threads
-        pngs = encode_textures(texture_pixels(ch["kd"], ks=ch["ks"], orm=orm, normal_ts=ch["nrm"]))
+        pngs = encode_textures(texture_pixels(ch["kd"], ks=ch["ks"], orm=orm, normal_ts=ch["nrm"]), level=png_level)
         with ThreadPoolExecutor(2) as pool:  # the GLB's buffers and the OBJ's text side by side
             jobs = [pool.submit(write_glb, stage / "mesh.glb", mesh, ch["kd"], orm, ch["nrm"], pngs=pngs),
                     pool.submit(write_textured_obj, stage, mesh, ch["kd"], ks=ch["ks"], normal_ts=ch["nrm"],
@@ -201,12 +201,14 @@ class MeshExport(L.Callback):
     background_pass1: write the pass-1 export in a thread while pass 2 trains (its files appear as a whole, as
     always; the fit waits for it before the final export and fails if it failed). None: when training on CUDA, where
     the host mostly waits for the GPU; on a CPU the writing would take cores from training, so it writes at once.
+    png_level: zlib level of the texture PNGs, 0-9 (`recon.export.obj.PNG_LEVEL`: fastest; 9: smallest files).
     ``listeners`` are called with "export" and "evaluate" as each of those stages begins (progress reports).
     """
 
     def __init__(self, out_dir: str, save_extracted: bool = False, evaluate: bool = True, eval_samples: int = 100_000,
-                 background_pass1: bool | None = None):
+                 background_pass1: bool | None = None, png_level: int = PNG_LEVEL):
         self.out_dir = Path(out_dir)
+        self.png_level = check_png_level(png_level)
         self.save_extracted = save_extracted
         self.evaluate = evaluate
         self.eval_samples = int(eval_samples)
@@ -278,7 +280,7 @@ class MeshExport(L.Callback):
     def _write_pass1(self, mesh: Mesh, texture: torch.Tensor, light: torch.Tensor | None, to_world,
                      keep_error: bool = False) -> None:
         try:
-            write_result(self.out_dir / "pass1", mesh, texture, light, to_world)
+            write_result(self.out_dir / "pass1", mesh, texture, light, to_world, self.png_level)
         except BaseException as err:  # in the thread: kept for `_join_pass1` to raise in the fit's thread
             if not keep_error:
                 raise
@@ -316,7 +318,8 @@ class MeshExport(L.Callback):
                 atomic_write_bytes(self.out_dir / "mesh_extracted.ply", ply)
             result = pl_module.result()
         t_write = time.perf_counter()
-        obj = write_result(self.out_dir, result["mesh"], result["texture"], result["light"], _to_world(trainer))
+        obj = write_result(self.out_dir, result["mesh"], result["texture"], result["light"], _to_world(trainer),
+                           self.png_level)
         export_seconds = time.perf_counter() - t0
         log_mesh(trainer, result["mesh"], split_channels(result["texture"])["kd"])
         mesh = result["mesh"]

@@ -100,7 +100,7 @@ def test_shared_maps_encoded_once_and_the_same_as_each_writer_alone(tmp_path, re
     mesh, tex, light = result
     encoded = []
     png_bytes = obj_mod.png_bytes
-    monkeypatch.setattr(obj_mod, "png_bytes", lambda image: encoded.append(image.shape) or png_bytes(image))
+    monkeypatch.setattr(obj_mod, "png_bytes", lambda image, level: encoded.append(image.shape) or png_bytes(image, level))
     write_result(tmp_path / "together", mesh, tex, light)
     assert len(encoded) == 4
     ch = split_channels(tex)
@@ -111,3 +111,21 @@ def test_shared_maps_encoded_once_and_the_same_as_each_writer_alone(tmp_path, re
     write_glb(alone / "mesh.glb", mesh, ch["kd"], orm, ch["nrm"])
     for name in ("mesh.obj", "mesh.mtl", "texture_kd.png", "texture_ks.png", "texture_n.png", "mesh.glb"):
         assert (tmp_path / "together" / name).read_bytes() == (alone / name).read_bytes(), name
+
+
+def test_png_level_trades_size_for_time_and_keeps_pixels(tmp_path):
+    """Every zlib level stores the same pixels; a higher level gives a smaller file for a smooth texture; a level
+    outside 0-9 is refused naming the setting."""
+    from recon.callbacks.mesh_export import MeshExport
+    from recon.export.obj import png_bytes
+
+    y, x = np.mgrid[0:256, 0:256]
+    image = np.stack([(x + y) // 2, (x * y) % 256, 128 + 100 * np.sin(x / 9.0)], -1).astype(np.uint8)
+    fast, small = png_bytes(image, 1), png_bytes(image, 9)
+    import imageio.v3 as iio
+
+    assert np.array_equal(iio.imread(fast), image) and np.array_equal(iio.imread(small), image)
+    assert len(small) < len(fast)
+    for bad in (10, -1, 2.5, True):
+        with pytest.raises(ValueError, match="png_level"):
+            MeshExport(str(tmp_path), png_level=bad)
