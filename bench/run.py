@@ -126,19 +126,31 @@ def git_commit(root: Path = ROOT) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def run_end_to_end(preset: str, run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+def training_env(python: str | None) -> dict[str, str]:
+    """The training process's environment: this one's, unbuffered; with another interpreter (``--python``, e.g. an
+    environment of `bench/isolated_env.py`) without PYTHONPATH and PYTHONHOME, so that it imports its own packages
+    only (recon itself comes from the repository root, train.py's folder)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if python is not None:
+        env.pop("PYTHONPATH", None)
+        env.pop("PYTHONHOME", None)
+    return env
+
+
+def run_end_to_end(preset: str, run_dir: Path, overrides: list[str] | tuple[str, ...] = (),
+                   python: str | None = None) -> dict:
     """Run train.py for ``preset`` into ``run_dir``; wall time, peak host memory, timing.json and metrics.json.
 
+    python: the interpreter to run it with (default this one's; see `training_env`).
     Peak host memory is the child's maximum resident set size from wait4 (bytes; Linux reports KiB, macOS bytes).
     """
-    cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={experiment_name(preset)}",
+    cmd = [python or sys.executable, str(ROOT / "train.py"), f"experiment={experiment_name(preset)}",
            f"hydra.run.dir={run_dir}", *overrides]
     log_path = run_dir.parent / f"{run_dir.name}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     t0_epoch, t0 = time.time(), time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=training_env(python))
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's so far
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -418,6 +430,8 @@ def result_markdown(r: dict) -> str:
                    f"{startup['data_ready']:.1f} s, fit start (model on the device, optimisers) at "
                    f"{startup['fit_start']:.1f} s, first step from {startup['first_step_start']:.1f} s to "
                    f"{startup['first_step_end']:.1f} s.")
+    if r.get("python"):
+        passes += f" train.py ran with {r['python']}, without PYTHONPATH."
     if r.get("export_write_seconds") is not None and r.get("export_seconds") is not None:
         passes += (f" The final export took {r['export_seconds']:.1f} s, {r['export_write_seconds']:.1f} s of it "
                    "writing the files.")
@@ -474,18 +488,18 @@ WARM_START_OVERRIDES = ("model.pass1_steps=20", "model.pass2_steps=20", "trainer
                         "callbacks.mesh_export.eval_samples=1000")
 
 
-def warm_start(preset: str, overrides: list[str]) -> float:
+def warm_start(preset: str, overrides: list[str], python: str | None = None) -> float:
     """Run ``preset`` for 20 + 20 steps and throw the run away: what any earlier run on the machine leaves behind
     (the built-in scene in the cache, nvdiffrast's compiled plugin, Triton's and Inductor's kernel caches).
     Returns its wall seconds."""
     with tempfile.TemporaryDirectory(prefix=f"bench-warm-{preset}-") as tmp:
-        return run_end_to_end(preset, Path(tmp) / "run", [*overrides, *WARM_START_OVERRIDES])["wall_seconds"]
+        return run_end_to_end(preset, Path(tmp) / "run", [*overrides, *WARM_START_OVERRIDES], python)["wall_seconds"]
 
 
 def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, run_dir: Path | None,
-                 overrides: list[str], warm: bool = False, name: str | None = None) -> dict:
+                 overrides: list[str], warm: bool = False, name: str | None = None, python: str | None = None) -> dict:
     cfg = compose_config(preset, overrides)
-    warm_seconds = warm_start(preset, overrides) if warm else None
+    warm_seconds = warm_start(preset, overrides, python) if warm else None
     caches = cache_state(cfg)
 
     def profile(run: Path) -> dict:
@@ -495,14 +509,15 @@ def bench_preset(preset: str, out_dir: Path, profile_steps: int, warmup: int, ru
 
     if run_dir is None:
         with tempfile.TemporaryDirectory(prefix=f"bench-{preset}-") as tmp:
-            e2e = run_end_to_end(preset, Path(tmp) / "run", overrides)
+            e2e = run_end_to_end(preset, Path(tmp) / "run", overrides, python)
             prof = profile(Path(tmp) / "run")
     else:
-        e2e = run_end_to_end(preset, run_dir / preset, overrides)
+        e2e = run_end_to_end(preset, run_dir / preset, overrides, python)
         prof = profile(run_dir / preset)
     r = assemble_result(preset, cfg, e2e, prof)
     r["warm_start"], r["warm_start_seconds"], r["name"] = warm, warm_seconds, name or preset
     r["overrides"], r["caches"] = list(overrides), caches
+    r["python"] = python  # None: this interpreter and its environment
     jpath, _ = write_result(r, out_dir)
     print(result_markdown(r))
     print(f"wrote {jpath} and {jpath.with_suffix('.md')}")
@@ -523,13 +538,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="first run the preset for a few steps, so the timed run finds the scene cached and the CUDA "
                          "plugin and kernels compiled, as every run after a machine's first does")
     ap.add_argument("--name", default=None, help="result file name (default: the preset's)")
+    ap.add_argument("--python", default=None,
+                    help="run train.py with this interpreter, without PYTHONPATH: e.g. DIR/bin/python of "
+                         "`python bench/isolated_env.py DIR`, recon's dependencies alone (default: this one)")
     args = ap.parse_args(argv)
+    if args.python is not None and not os.access(args.python, os.X_OK):
+        ap.error(f"--python {args.python}: not an executable file")
     for preset in args.presets:
         if not (ROOT / "conf" / "experiment" / f"{experiment_name(preset)}.yaml").is_file():
             ap.error(f"unknown preset {preset!r}: no conf/experiment/{experiment_name(preset)}.yaml")
     for preset in args.presets:
         bench_preset(preset, args.out, args.profile_steps, args.warmup, args.run_dir, args.override, args.warm_start,
-                     args.name)
+                     args.name, args.python)
     print(f"summary: {write_summary(args.out)}")
 
 
