@@ -86,5 +86,13 @@ def test_texture_clamp_projects_into_bounds():
     assert ((t[..., :6] >= b[0, :6]) & (t[..., :6] <= b[1, :6])).all()
     torch.testing.assert_close(t[..., 6:].norm(dim=-1), torch.ones(8, 8))
     assert (t[..., 8] >= 0).all()
+    # the in-place projection gives exactly the out-of-place reference: clamp, then F.normalize of the normals
+    ref = torch.maximum(torch.minimum(tex[None], b[1]), b[0])
+    ref[..., 6:] = torch.nn.functional.normalize(ref[..., 6:], dim=-1, eps=1e-8)
+    torch.testing.assert_close(mat.texture.detach(), ref, rtol=0, atol=1e-7)
+    zero = TexturePBRMaterial(torch.zeros(4, 4, CHANNELS), bounds=torch.stack([torch.full((CHANNELS,), -1.0),
+                                                                                torch.ones(CHANNELS)]))
+    zero.clamp_()  # a zero normal stays finite (eps), as with F.normalize
+    assert torch.isfinite(zero.texture).all() and (zero.texture[..., 6:] == 0).all()
     with pytest.raises(ValueError, match="PBR texture"):
         TexturePBRMaterial(torch.zeros(8, 8, 3))
