@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import trimesh
 from torch import Tensor
 
 from recon.compiled import fused
 from recon.gather import take_rows
 from recon.sparse import SparseOperator
+
+if TYPE_CHECKING:  # imported where used: trimesh and networkx cost every run's start-up 0.2-0.7 s otherwise
+    import trimesh
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -293,6 +296,8 @@ class Mesh:
         With UVs, vertices on UV seams are split (trimesh stores one UV per vertex) and the UVs
         become a `TextureVisuals`; normals, if present, become the vertex normals.
         """
+        import trimesh
+
         mesh = self.detach().to("cpu")
         verts, faces, normals = mesh.verts.double().numpy(), mesh.faces.numpy(), mesh.normals
         normals = None if normals is None else normals.double().numpy()
