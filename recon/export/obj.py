@@ -109,6 +109,12 @@ def texture_to_srgb8(texture_linear: Tensor) -> np.ndarray:
     return (linear_to_srgb(texture_linear.clamp(0, 1)) * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
+def _write_rows(out: io.StringIO, rows: np.ndarray, fmt: str) -> None:
+    """``np.savetxt(out, rows, fmt=fmt)``, the same text, formatted as one string (about 3x faster)."""
+    if len(rows):
+        out.write((fmt + "\n") * len(rows) % tuple(rows.ravel().tolist()))
+
+
 def obj_text(mesh: Mesh, mtl_name: str | None = "mesh.mtl", material: str = "recon_material") -> str:
     """OBJ text of a mesh; UVs are written with v flipped (OBJ's v points up, texture rows go down)."""
     out = io.StringIO()
@@ -116,28 +122,28 @@ def obj_text(mesh: Mesh, mtl_name: str | None = "mesh.mtl", material: str = "rec
     if mtl_name:
         out.write(f"mtllib {mtl_name}\n")
     v = mesh.verts.detach().cpu().numpy()
-    np.savetxt(out, v, fmt="v %.6f %.6f %.6f")
+    _write_rows(out, v, "v %.6f %.6f %.6f")
     if mesh.normals is not None:
-        np.savetxt(out, mesh.normals.detach().cpu().numpy(), fmt="vn %.6f %.6f %.6f")
+        _write_rows(out, mesh.normals.detach().cpu().numpy(), "vn %.6f %.6f %.6f")
     f = mesh.faces.detach().cpu().numpy() + 1
     if mesh.uv is not None:
         uv = mesh.uv.detach().cpu().numpy().copy()
         uv[:, 1] = 1.0 - uv[:, 1]
-        np.savetxt(out, uv, fmt="vt %.6f %.6f")
+        _write_rows(out, uv, "vt %.6f %.6f")
         ft = (mesh.uv_faces if mesh.uv_faces is not None else mesh.faces).detach().cpu().numpy() + 1
         if mtl_name:
             out.write(f"usemtl {material}\n")
         if mesh.normals is not None:
             rows = np.stack([f[:, 0], ft[:, 0], f[:, 0], f[:, 1], ft[:, 1], f[:, 1], f[:, 2], ft[:, 2], f[:, 2]], 1)
-            np.savetxt(out, rows, fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
+            _write_rows(out, rows, "f %d/%d/%d %d/%d/%d %d/%d/%d")
         else:
             rows = np.stack([f[:, 0], ft[:, 0], f[:, 1], ft[:, 1], f[:, 2], ft[:, 2]], 1)
-            np.savetxt(out, rows, fmt="f %d/%d %d/%d %d/%d")
+            _write_rows(out, rows, "f %d/%d %d/%d %d/%d")
     elif mesh.normals is not None:
         rows = np.stack([f[:, 0], f[:, 0], f[:, 1], f[:, 1], f[:, 2], f[:, 2]], 1)
-        np.savetxt(out, rows, fmt="f %d//%d %d//%d %d//%d")
+        _write_rows(out, rows, "f %d//%d %d//%d %d//%d")
     else:
-        np.savetxt(out, f, fmt="f %d %d %d")
+        _write_rows(out, f, "f %d %d %d")
     return out.getvalue()
 
 

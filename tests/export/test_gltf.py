@@ -94,6 +94,9 @@ def test_structure(tmp_path, mesh):
     assert set(attrs) == {"POSITION", "NORMAL", "TEXCOORD_0", "TANGENT"} and prim["mode"] == 4
 
     pos_index, uv_index, faces = split_uv_seams(mesh)
+    corners = torch.stack([mesh.faces.reshape(-1), mesh.uv_faces.reshape(-1)], dim=1)
+    pairs, inverse = torch.unique(corners, dim=0, return_inverse=True)  # the distinct corners, in (pos, uv) order
+    assert torch.equal(torch.stack([pos_index, uv_index], 1), pairs) and torch.equal(faces, inverse.reshape(-1, 3))
     nc = len(pos_index)
     assert mesh.num_verts < nc <= mesh.faces.numel()  # seams were split
     pos = accessor(gltf, bin_chunk, attrs["POSITION"])

@@ -99,3 +99,33 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
         assert default_file_mode() == 0o644
     finally:
         os.umask(umask)
+
+
+def test_obj_text_is_numpy_savetxt_text(sphere):
+    """The one-string row formatting writes exactly what np.savetxt writes, in every branch (normals, UVs, both,
+    neither), including negative zeros, tiny values and an empty mesh."""
+    import io
+
+    import numpy as np
+
+    def reference(mesh, rows_fmt):
+        out = io.StringIO()
+        for rows, fmt in rows_fmt:
+            np.savetxt(out, rows, fmt=fmt)
+        return out.getvalue()
+
+    mesh = unwrap(sphere).with_normals()
+    mesh.verts[0] = torch.tensor([-0.0, 1e-9, -1e-7])
+    v, n = mesh.verts.numpy(), mesh.normals.numpy()
+    uv = mesh.uv.numpy().copy()
+    uv[:, 1] = 1.0 - uv[:, 1]
+    f, ft = mesh.faces.numpy() + 1, mesh.uv_faces.numpy() + 1
+    full = obj_mod.obj_text(mesh)
+    body = full.split("mtllib mesh.mtl\n", 1)[1].replace("usemtl recon_material\n", "")
+    rows = np.stack([f[:, 0], ft[:, 0], f[:, 0], f[:, 1], ft[:, 1], f[:, 1], f[:, 2], ft[:, 2], f[:, 2]], 1)
+    assert body == reference(mesh, [(v, "v %.6f %.6f %.6f"), (n, "vn %.6f %.6f %.6f"), (uv, "vt %.6f %.6f"),
+                                    (rows, "f %d/%d/%d %d/%d/%d %d/%d/%d")])
+    plain = Mesh(mesh.verts, mesh.faces)
+    assert obj_mod.obj_text(plain, mtl_name=None) == "# recon mesh\n" + reference(plain, [(v, "v %.6f %.6f %.6f"), (f, "f %d %d %d")])
+    empty = Mesh(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64))
+    assert obj_mod.obj_text(empty, mtl_name=None) == "# recon mesh\n"
