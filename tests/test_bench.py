@@ -249,3 +249,25 @@ def test_git_commit_names_the_benchmarked_tree(tmp_path, monkeypatch):
     assert bench.git_commit(tmp_path) is None  # no repository at all
     monkeypatch.setenv("RECON_GIT_COMMIT", "0123abc")
     assert bench.git_commit(nested) == "0123abc"
+
+
+def test_cube_lookup_orders_agree_on_cpu(tmp_path):
+    """bench/cube_lookup.py: every order is a permutation, gives the scanline values and gradients (it asserts so
+    itself), and the directions are unit normals of a sphere's visible side."""
+    spec = importlib.util.spec_from_file_location("bench_cube_lookup", ROOT / "bench" / "cube_lookup.py")
+    cube = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cube)
+    for name in ("strided", "random"):
+        perm = cube.ordering(name, 1000, torch.device("cpu"), stride=7)
+        assert torch.equal(perm.sort().values, torch.arange(1000))
+    assert cube.ordering("scanline", 10, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="unknown order"):
+        cube.ordering("zigzag", 10, torch.device("cpu"))
+    normals, reflected = cube.sphere_directions(2000, 4, torch.device("cpu"))
+    assert normals.shape == reflected.shape == (2000, 3)
+    torch.testing.assert_close(normals.norm(dim=-1), torch.ones(2000), atol=1e-5, rtol=0)
+    torch.testing.assert_close(reflected.norm(dim=-1), torch.ones(2000), atol=1e-5, rtol=0)
+    result = cube.main(["--device", "cpu", "--pixels", "1500", "--base-res", "32", "--reps", "1", "--stride", "16",
+                        "--out", str(tmp_path / "cube.json")])
+    assert result["pixels"] == 1500 and len(result["rows"]) == 6
+    assert json.loads((tmp_path / "cube.json").read_text())["rows"] == result["rows"]

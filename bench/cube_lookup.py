@@ -1,0 +1,175 @@
+"""The light's cube-map lookups by pixel order: `python bench/cube_lookup.py [--pixels N] [--out FILE]`.
+
+Split-sum shading looks the diffuse irradiance cube (6 x 16² texels) up along every covered pixel's normal and the
+prefiltered specular chain (6 x 512² down to 16²) along its reflected view direction, at a per-pixel mip level. In
+the backward pass each lookup adds its four (eight across two levels) weighted gradients into the cube by atomic
+adds. Covered pixels come in scanline order, so neighbouring threads hit the same few texels of the small cubes,
+and same-address atomic adds wait for each other. This times the lookups forward and backward (gradients to the
+cubes, the directions and the level, as in training) with the pixels in scanline order and reordered so that
+neighbouring threads look far apart: ``strided`` (pixel i, i + S, i + 2S, ... side by side) and ``random``; the
+reordered variants include the gathers that reorder the inputs and restore the outputs' order. The directions are
+those of a sphere seen from ``--views`` cameras at ``--res``² (a covered disk per view), the pixel count of nerf800's
+covered pixels by default. Checks that every order gives the same values and gradients.
+
+CUDA: nvdiffrast's cube-mode texture (recon's CUDA path). ``--device cpu`` runs recon's PyTorch lookup, a check of
+this script rather than a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ORDERS = ("scanline", "strided", "random")
+
+
+def sphere_directions(pixels: int, views: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normals and reflected view directions [N,3] of the covered pixels of a unit sphere seen by ``views``
+    orthographic cameras around it, each covering about pixels / views pixels in scanline order (one view after the
+    other)."""
+    per_view = pixels / views
+    side = int(math.ceil(math.sqrt(per_view * 4 / math.pi))) + 2  # the disk of radius side/2 covers per_view pixels
+    c = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side * 2 - 1
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    inside = x * x + y * y < 1
+    normals, reflected = [], []
+    for k in range(views):
+        theta, phi = 2 * math.pi * k / views, 0.35 * math.sin(2 * math.pi * k / views)  # around, a little above/below
+        d = torch.tensor([math.cos(phi) * math.cos(theta), math.sin(phi), math.cos(phi) * math.sin(theta)], device=device)
+        right = torch.nn.functional.normalize(torch.linalg.cross(d, torch.tensor([0.0, 1.0, 0.0], device=device)), dim=0)
+        up = torch.linalg.cross(right, d)
+        xs, ys = x[inside], -y[inside]
+        n = xs[:, None] * right + ys[:, None] * up - torch.sqrt((1 - xs * xs - ys * ys).clamp_min(0))[:, None] * d
+        view = -d.expand_as(n)  # towards the camera
+        normals.append(n)
+        reflected.append(2 * (n * view).sum(-1, keepdim=True) * n - view)
+    return torch.cat(normals)[:pixels], torch.cat(reflected)[:pixels]
+
+
+def ordering(name: str, n: int, device: torch.device, stride: int = 4096) -> torch.Tensor | None:
+    """The order the lookups run in: None for scanline, else a permutation of range(n)."""
+    if name == "scanline":
+        return None
+    if name == "strided":  # thread t reads pixel (t % rows) * stride + t // rows: neighbours are `stride` pixels apart
+        idx = torch.arange(n, device=device)
+        return torch.argsort((idx % stride) * n + idx)
+    if name == "random":
+        return torch.randperm(n, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    raise ValueError(f"unknown order {name!r}; choose from {ORDERS}")
+
+
+def lookup(rasterizer, levels: list[torch.Tensor], dirs: torch.Tensor, level: torch.Tensor | None,
+           perm: torch.Tensor | None) -> torch.Tensor:
+    """``rasterizer.cube_texture(levels, dirs, level)``, the lookups run in the order ``perm`` and the result put
+    back in the pixels' order."""
+    if perm is None:
+        return rasterizer.cube_texture(levels, dirs, level)
+    out = rasterizer.cube_texture(levels, dirs.index_select(0, perm), None if level is None else level.index_select(0, perm))
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return out.index_select(0, inverse)
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+        def timed(fn, reps):
+            fn()
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / reps
+    else:
+        def timed(fn, reps):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            return (time.perf_counter() - t0) * 1e3 / reps
+    return timed
+
+
+def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int = 512, diffuse_res: int = 16,
+        stride: int = 4096) -> dict:
+    from recon.render import make_rasterizer
+
+    rasterizer = make_rasterizer("nvdiffrast" if device.type == "cuda" else "torch", device)
+    g = torch.Generator(device=device).manual_seed(0)
+    normals, reflected = sphere_directions(pixels, views, device)
+    n = normals.shape[0]
+    specular = []
+    res = base_res
+    while res >= diffuse_res:
+        specular.append(torch.rand(6, res, res, 3, device=device, generator=g).requires_grad_(True))
+        res //= 2
+    diffuse = torch.rand(6, diffuse_res, diffuse_res, 3, device=device, generator=g).requires_grad_(True)
+    # per-pixel roughness -> mip level, smooth across each view like a material's
+    level = ((torch.arange(n, device=device) % 997) / 997.0 * (len(specular) - 1)).requires_grad_(True)
+    cases = {"diffuse": ([diffuse], normals, None), "specular": (specular, reflected, level)}
+    timed = _timer(device)
+    rows, reference = [], {}
+    for case, (levels, dirs, lvl) in cases.items():
+        dirs = dirs.clone().requires_grad_(True)
+        upstream = torch.rand(n, 3, device=device, generator=g)
+        inputs = [*levels, dirs] + ([lvl] if lvl is not None else [])
+        for order in ORDERS:
+            perm = ordering(order, n, device, stride)
+
+            def forward():
+                return lookup(rasterizer, levels, dirs, lvl, perm)
+
+            def both():
+                return torch.autograd.grad(forward(), inputs, upstream, allow_unused=True)  # the CPU lookup: no dirs grad
+
+            out = forward().detach()
+            grads = both()
+            if order == "scanline":
+                reference[case] = (out, grads)
+            else:
+                ref_out, ref_grads = reference[case]
+                torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # the same per-pixel arithmetic
+                for got, want in zip(grads, ref_grads):  # atomic adds in another order: rounding only
+                    assert (got is None) == (want is None)
+                    if want is not None:
+                        torch.testing.assert_close(got, want, rtol=1e-4,
+                                                   atol=1e-4 * float(want.abs().max()) + 1e-6)
+            fwd = timed(forward, reps)
+            total = timed(both, reps)
+            rows.append({"lookup": case, "order": order, "forward_ms": fwd, "forward_backward_ms": total})
+            print(f"{case:9} {order:9} forward {fwd:8.3f} ms   forward+backward {total:8.3f} ms", flush=True)
+    return {"pixels": n, "views": views, "base_res": base_res, "diffuse_res": diffuse_res, "stride": stride,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pixels", type=int, default=1_320_000, help="covered pixels per step (nerf800: about 1.32M)")
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--base-res", type=int, default=512)
+    ap.add_argument("--stride", type=int, default=4096)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", type=Path, default=None, help="also write the rows here as JSON")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device: run on a GPU machine, or --device cpu to check the script")
+    result = run(args.pixels, args.views, args.reps, device, args.base_res, stride=args.stride)
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
