@@ -143,10 +143,17 @@ def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int 
                     if want is not None:
                         torch.testing.assert_close(got, want, rtol=1e-4,
                                                    atol=1e-4 * float(want.abs().max()) + 1e-6)
+            def cube_only():  # the gradient to the cube (and level) alone: how much the directions' costs
+                out = lookup(rasterizer, levels, dirs.detach(), lvl, perm)
+                return torch.autograd.grad(out, [x for x in inputs if x is not dirs], upstream, allow_unused=True)
+
             fwd = timed(forward, reps)
             total = timed(both, reps)
-            rows.append({"lookup": case, "order": order, "forward_ms": fwd, "forward_backward_ms": total})
-            print(f"{case:9} {order:9} forward {fwd:8.3f} ms   forward+backward {total:8.3f} ms", flush=True)
+            cube_total = timed(cube_only, reps)
+            rows.append({"lookup": case, "order": order, "forward_ms": fwd, "forward_backward_ms": total,
+                         "forward_backward_no_dir_grad_ms": cube_total})
+            print(f"{case:9} {order:9} forward {fwd:8.3f} ms   forward+backward {total:8.3f} ms   "
+                  f"without the directions' gradient {cube_total:8.3f} ms", flush=True)
     return {"pixels": n, "views": views, "base_res": base_res, "diffuse_res": diffuse_res, "stride": stride,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "rows": rows}
