@@ -6,10 +6,11 @@ the backward pass each lookup adds its four (eight across two levels) weighted g
 adds. Covered pixels come in scanline order, so neighbouring threads hit the same few texels of the small cubes,
 and same-address atomic adds wait for each other. This times the lookups forward and backward (gradients to the
 cubes, the directions and the level, as in training) with the pixels in scanline order and reordered so that
-neighbouring threads look far apart: ``strided`` (pixel i, i + S, i + 2S, ... side by side) and ``random``; the
-reordered variants include the gathers that reorder the inputs and restore the outputs' order. The directions are
-those of a sphere seen from ``--views`` cameras at ``--res``² (a covered disk per view), the pixel count of nerf800's
-covered pixels by default. Checks that every order gives the same values and gradients.
+neighbouring threads look far apart: ``strided`` (threads t and t + 1 read pixels about ``--stride`` apart: what
+``model.render.cube_stride`` does in training) and ``random``; the reordered variants include the gathers that
+reorder the inputs and restore the outputs' order. The directions are those of a unit sphere seen by ``--views``
+orthographic cameras (a covered disk per view, in scanline order), ``--pixels`` of them (by default about nerf800's
+covered pixels per step). Checks that every order gives the same values and gradients.
 
 CUDA: nvdiffrast's cube-mode texture (recon's CUDA path). ``--device cpu`` runs recon's PyTorch lookup, a check of
 this script rather than a measurement.
@@ -57,9 +58,10 @@ def ordering(name: str, n: int, device: torch.device, stride: int = 4096) -> tor
     """The order the lookups run in: None for scanline, else a permutation of range(n)."""
     if name == "scanline":
         return None
-    if name == "strided":  # thread t reads pixel (t % rows) * stride + t // rows: neighbours are `stride` pixels apart
-        idx = torch.arange(n, device=device)
-        return torch.argsort((idx % stride) * n + idx)
+    if name == "strided":  # recon's model.render.cube_stride: thread t reads pixel (t * k) % n, k about `stride`
+        from recon.render.nvdiffrast import strided_order
+
+        return strided_order(n, stride, device)[0]
     if name == "random":
         return torch.randperm(n, device=device, generator=torch.Generator(device=device).manual_seed(0))
     raise ValueError(f"unknown order {name!r}; choose from {ORDERS}")

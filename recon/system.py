@@ -113,7 +113,8 @@ class ReconSystem(L.LightningModule):
     @property
     def rasterizer(self):
         if self._rasterizer is None:
-            self._rasterizer = make_rasterizer(self.render_cfg.get("backend", "auto"), self.device)
+            self._rasterizer = make_rasterizer(self.render_cfg.get("backend", "auto"), self.device,
+                                               int(self.render_cfg.get("cube_stride", 0)))
         return self._rasterizer
 
     @property

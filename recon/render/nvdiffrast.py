@@ -6,6 +6,7 @@ which needs nvcc (matching torch's CUDA version), ninja and a C++ compiler.
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 import sys
 import threading
@@ -96,15 +97,36 @@ def _context(device: torch.device):
     return ctx
 
 
+def strided_order(n: int, stride: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """A permutation of range(n) whose neighbours are about ``stride`` apart, and its inverse: ``order[t] = (t * k)
+    % n`` with k the first integer >= ``stride`` that shares no factor with n (so every index comes once).
+    ``x.index_select(0, order)`` reorders rows, ``y.index_select(0, inverse)`` puts them back. Two elementwise
+    kernels each, no sort."""
+    if n <= 0 or stride < 1:
+        raise ValueError(f"strided_order needs n >= 1 and stride >= 1, got n={n}, stride={stride}")
+    k = stride % n if n > 1 else 1
+    k = max(k, 1)
+    while math.gcd(k, n) != 1:
+        k += 1
+    t = torch.arange(n, device=device, dtype=torch.int64)
+    return (t * k) % n, (t * pow(k, -1, n)) % n if n > 1 else t
+
+
 class NvdiffrastRasterizer(Rasterizer):
     """nvdiffrast.torch on CUDA. Inputs must be float32 CUDA tensors; faces are cast to int32 here.
 
     device: the CUDA device the tensors live on (informational; each call uses its inputs' device).
+    cube_stride: 0 runs `cube_texture`'s lookups in the directions' order; k > 0 in `strided_order` (neighbouring
+    threads k directions apart), so that their gradient's atomic adds into the small light cubes, which
+    neighbouring pixels share, spread over different texels (``model.render.cube_stride``; `bench/cube_lookup.py`).
     """
 
     name = "nvdiffrast"
 
-    def __init__(self, device: torch.device | str | None = None) -> None:
+    def __init__(self, device: torch.device | str | None = None, cube_stride: int = 0) -> None:
+        if cube_stride < 0:
+            raise ValueError(f"render.cube_stride must be 0 (directions' order) or positive, got {cube_stride}")
+        self.cube_stride = int(cube_stride)
         self.device = torch.device(device) if device is not None else torch.device("cuda")
         self._faces = _FacesCache()  # faces -> int32 copy
         self._topology = _FacesCache()  # faces -> nvdiffrast topology hash
@@ -181,12 +203,22 @@ class NvdiffrastRasterizer(Rasterizer):
 
         _load_plugin()
         shape = dirs.shape[:-1]
+        dirs = dirs.reshape(-1, 3)
+        level = None if level is None or len(levels) == 1 else level.reshape(-1)
+        order = None
+        if self.cube_stride > 0 and dirs.shape[0] > 1:
+            order, inverse = strided_order(dirs.shape[0], self.cube_stride, dirs.device)
+            dirs = dirs.index_select(0, order)
+            level = None if level is None else level.index_select(0, order)
         uv = dirs.reshape(1, -1, 1, 3).contiguous()
-        if level is None or len(levels) == 1:
+        if level is None:
             out = dr.texture(levels[0][None].contiguous(), uv, filter_mode="linear", boundary_mode="cube")
         else:
             bias = level.reshape(1, -1, 1).clamp(0, len(levels) - 1).contiguous()
             out = dr.texture(levels[0][None].contiguous(), uv, mip=[m[None].contiguous() for m in levels[1:]],
                              mip_level_bias=bias, filter_mode="linear-mipmap-linear", boundary_mode="cube")
+        out = out.reshape(-1, out.shape[-1])
+        if order is not None:
+            out = out.index_select(0, inverse)
         return out.reshape(*shape, out.shape[-1])
 

@@ -483,3 +483,22 @@ def test_make_rasterizer_backends_and_errors(monkeypatch):
 
 def test_plugin_name_follows_nvdiffrast():
     assert nvdr_backend.plugin_name("0.3.3", "2.11.0+cu128") == "nvdiffrast_plugin_0_3_3_torch2_11_0_cu128"
+
+
+def test_strided_order_is_a_permutation_with_far_neighbours():
+    """`strided_order`: every index once, the inverse undoes it, neighbours at least ``stride`` apart, for lengths
+    with and without common factors with the stride; bad arguments are refused."""
+    for n in (1, 2, 3, 10, 4096, 4097, 12288, 100_003):
+        order, inverse = nvdr_backend.strided_order(n, 4096)
+        assert torch.equal(order.sort().values, torch.arange(n)), n
+        assert torch.equal(order[inverse], torch.arange(n)) and torch.equal(inverse[order], torch.arange(n)), n
+        if n > 2 * 4096:  # consecutive entries differ by k or n - k, both at least the stride
+            assert int((order[1:] - order[:-1]).abs().min()) >= 4096, n
+    x = torch.randn(1000, 3)
+    order, inverse = nvdr_backend.strided_order(1000, 64)
+    assert torch.equal(x.index_select(0, order).index_select(0, inverse), x)
+    for n, stride in ((0, 8), (10, 0)):
+        with pytest.raises(ValueError, match="strided_order"):
+            nvdr_backend.strided_order(n, stride)
+    with pytest.raises(ValueError, match="cube_stride"):
+        nvdr_backend.NvdiffrastRasterizer("cuda", cube_stride=-1)
