@@ -99,7 +99,8 @@ def _context(device: torch.device):
 
 def strided_order(n: int, stride: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """A permutation of range(n) whose neighbours are about ``stride`` apart, and its inverse: ``order[t] = (t * k)
-    % n`` with k the first integer >= ``stride`` that shares no factor with n (so every index comes once).
+    % n`` with k the first integer from ``stride`` (taken modulo n, at least 1) that shares no factor with n, so
+    every index comes once.
     ``x.index_select(0, order)`` reorders rows, ``y.index_select(0, inverse)`` puts them back. Two elementwise
     kernels each, no sort."""
     if n <= 0 or stride < 1:

@@ -123,7 +123,7 @@ def make_rasterizer(backend: str = "auto", device: torch.device | str | None = N
     backend: "auto" (nvdiffrast on a CUDA device when it imports, else torch), "torch" (pure PyTorch,
     any device) or "nvdiffrast" (CUDA only). device: where the tensors will live; None means CUDA when
     this process sees a GPU. cube_stride: nvdiffrast's cube-map lookup order (`NvdiffrastRasterizer`; the torch
-    backend adds no atomics and ignores it).
+    backend ignores it).
     """
     if backend not in BACKENDS:
         raise ValueError(f"render.backend={backend!r} is not a rasterizer; valid names: {', '.join(BACKENDS)}.")
