@@ -335,6 +335,7 @@ def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
         "first_steps": {k: timing.get(k) for k in ("pass1_first_steps", "pass1_first_steps_seconds", "pass2_first_steps",
                                                    "pass2_first_steps_seconds")},
         "startup_seconds": timing.get("startup_seconds"),
+        "segments": timing.get("segments"), "validation": timing.get("validation"),
         "graph_shading": {k: timing.get(f"graph_shading_{k}") for k in ("rows", "covered_max", "overflows")},
         "stages": prof["stages"], "step_ms": prof["step_ms"], "wall_step_ms": prof.get("wall_step_ms"),
         "pass2": prof.get("pass2"), "profile_steps": prof.get("steps"),
@@ -430,6 +431,13 @@ def result_markdown(r: dict) -> str:
                    f"{startup['data_ready']:.1f} s, fit start (model on the device, optimisers) at "
                    f"{startup['fit_start']:.1f} s, first step from {startup['first_step_start']:.1f} s to "
                    f"{startup['first_step_end']:.1f} s.")
+    segments, validation = r.get("segments") or [], r.get("validation") or {}
+    if segments:
+        passes += (" Milliseconds per step by segment, validation left out: "
+                   + ", ".join(f"{a}-{b} {_fmt(seg['ms_per_step'], '.1f')}" for seg in segments for a, b in [seg["steps"]])
+                   + " (the segment where pass 2 begins holds the bake).")
+    if validation.get("runs"):
+        passes += f" {validation['runs']} validation runs took {validation['seconds']:.1f} s."
     if r.get("python"):
         passes += f" train.py ran with {r['python']}, without PYTHONPATH."
     if r.get("export_write_seconds") is not None and r.get("export_seconds") is not None:

@@ -106,9 +106,14 @@ def test_writers_json_markdown_and_summary(tmp_path):
     marks = {"imported": 1.25, "run_fit": 1.5, "memory_checked": 1.75, "built": 2.0}  # train.py's own milestones
     r = {**fake_result("quick"), "name": "quick-marks",
          "startup_seconds": {**marks, **fake_result("quick")["startup_seconds"]}}
+    r["segments"] = [{"steps": [0, 500], "ms_per_step": 20.04, "validation_seconds": 0.0},
+                     {"steps": [500, 1000], "ms_per_step": 12.25, "validation_seconds": 0.5}]
+    r["validation"], r["python"] = {"runs": 2, "seconds": 0.75}, "/tmp/env/bin/python"
     md = bench.write_result(r, tmp_path)[1].read_text()
     assert ("imports done at 1.2 s, config and run folder at 1.5 s, everything built (data module, model, trainer) "
             "at 2.0 s, data ready (scene, frames) at 2.5 s") in md
+    assert "validation left out: 0-500 20.0, 500-1000 12.2 (the segment" in md and "2 validation runs took 0.8 s." in md
+    assert "train.py ran with /tmp/env/bin/python, without PYTHONPATH." in md
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
     summary = bench.write_summary(tmp_path).read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| preset")]

@@ -91,8 +91,13 @@ def test_tensorboard_records_losses_images_and_hparams(tmp_path):
     proc = run_train(tmp_path, "experiment=cpu", "model.pass1_steps=4", "model.pass2_steps=2", "data.resolution=32",
                      "data.batch_size=2", "data.builtin.n_train=4", "data.builtin.n_test=2", "model.geometry.tet_grid=16",
                      "model.light.base_res=16", "model.bake.texture_res=64", "callbacks.mesh_export.eval_samples=2000",
-                     "trainer.val_check_interval=3", "trainer.log_every_n_steps=1")
+                     "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "callbacks.mesh_export.segment_steps=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    timing = json.loads((tmp_path / "run" / "timing.json").read_text())  # steps 0-4 and 4-6; validation after step 3
+    assert [seg["steps"] for seg in timing["segments"]] == [[0, 4], [4, 6]], timing["segments"]
+    assert all(seg["ms_per_step"] > 0 for seg in timing["segments"])
+    assert timing["validation"]["runs"] >= 1 and timing["validation"]["seconds"] > 0
+    assert timing["segments"][0]["validation_seconds"] > 0  # the run after step 3 is left out of its segment
     (event_file,) = (tmp_path / "run" / "tb").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(event_file), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])

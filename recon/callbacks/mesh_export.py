@@ -127,6 +127,59 @@ def start_up_seconds(step_times: dict[int, float], t0: float | None, pl_module: 
     return out
 
 
+class SegmentClock:
+    """Where a fit's time goes along the schedule: the wall time of every ``segment_steps`` steps with the validation
+    runs inside them left out, and the validation runs' own time (timing.json's ``segments`` and ``validation``).
+
+    ``step_end(step)`` after each training step, ``validation_start()`` / ``validation_end()`` around each
+    validation run; ``sync`` waits for the device first (a CUDA synchronize: once per segment and twice per
+    validation run), so the times are the device's as well as the host's. The segment in which pass 2 starts holds
+    the pass switch (the bake)."""
+
+    def __init__(self, segment_steps: int, sync: Callable[[], None] = lambda: None, clock=time.perf_counter):
+        if segment_steps < 1:
+            raise ValueError(f"callbacks.mesh_export.segment_steps must be >= 1, got {segment_steps}")
+        self.segment_steps, self.sync, self.clock = int(segment_steps), sync, clock
+        self.segments: list[dict] = []
+        self._start: tuple[int, float] | None = None  # (step, time) where the current segment began
+        self._validation = 0.0  # seconds of validation inside the current segment
+        self._validation_total, self._validation_runs = 0.0, 0
+        self._validation_t0: float | None = None
+
+    def start(self, step: int = 0) -> None:
+        self.sync()
+        self._start, self._validation = (int(step), self.clock()), 0.0
+
+    def step_end(self, step: int, last: bool = False) -> None:
+        if self._start is None or not (step % self.segment_steps == 0 or last) or step <= self._start[0]:
+            return
+        self.sync()
+        now = self.clock()
+        first, t0 = self._start
+        seconds = now - t0 - self._validation
+        self.segments.append({"steps": [first, int(step)], "ms_per_step": seconds * 1e3 / (step - first),
+                              "validation_seconds": self._validation})
+        self._start, self._validation = (int(step), now), 0.0
+
+    def validation_start(self) -> None:
+        self.sync()
+        self._validation_t0 = self.clock()
+
+    def validation_end(self) -> None:
+        if self._validation_t0 is None:
+            return
+        self.sync()
+        seconds = self.clock() - self._validation_t0
+        self._validation_t0 = None
+        self._validation += seconds
+        self._validation_total += seconds
+        self._validation_runs += 1
+
+    def summary(self) -> dict:
+        return {"segments": list(self.segments),
+                "validation": {"runs": self._validation_runs, "seconds": self._validation_total}}
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux, from /proc, to 10 ms), None where that is not known."""
     try:
@@ -202,13 +255,17 @@ class MeshExport(L.Callback):
     always; the fit waits for it before the final export and fails if it failed). None: when training on CUDA, where
     the host mostly waits for the GPU; on a CPU the writing would take cores from training, so it writes at once.
     png_level: zlib level of the texture PNGs, 0-9 (`recon.export.obj.PNG_LEVEL`: fastest; 9: smallest files).
+    segment_steps: timing.json's ``segments``: the fit's milliseconds per step over every this many steps, validation
+    runs left out and timed on their own (`SegmentClock`).
     ``listeners`` are called with "export" and "evaluate" as each of those stages begins (progress reports).
     """
 
     def __init__(self, out_dir: str, save_extracted: bool = False, evaluate: bool = True, eval_samples: int = 100_000,
-                 background_pass1: bool | None = None, png_level: int = PNG_LEVEL):
+                 background_pass1: bool | None = None, png_level: int = PNG_LEVEL, segment_steps: int = 500):
         self.out_dir = Path(out_dir)
         self.png_level = check_png_level(png_level)
+        self.segment_steps = int(segment_steps)
+        self._clock = SegmentClock(self.segment_steps)  # validates segment_steps here, at instantiation
         self.save_extracted = save_extracted
         self.evaluate = evaluate
         self.eval_samples = int(eval_samples)
@@ -234,6 +291,10 @@ class MeshExport(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = pl_module.device
+        self._clock = SegmentClock(self.segment_steps, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda"
+                                   else (lambda: None))
+        self._clock.start(trainer.global_step)
         self._t0 = time.perf_counter()
         self._startup["fit_start"] = process_age()  # the model on its device, optimisers configured
         dm = trainer.datamodule
@@ -259,6 +320,8 @@ class MeshExport(L.Callback):
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)
             self._step_times[trainer.global_step] = time.perf_counter()
+        if trainer.is_global_zero:
+            self._clock.step_end(trainer.global_step, last=trainer.global_step == trainer.max_steps)
         result = getattr(pl_module, "pass1_result", None)
         if result is None:
             return
@@ -276,6 +339,14 @@ class MeshExport(L.Callback):
             self._pass1_writer = threading.Thread(target=self._write_pass1, args=args, kwargs={"keep_error": True},
                                                   name="recon-pass1-export")
             self._pass1_writer.start()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._clock.validation_start()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._clock.validation_end()
 
     def _write_pass1(self, mesh: Mesh, texture: torch.Tensor, light: torch.Tensor | None, to_world,
                      keep_error: bool = False) -> None:
@@ -334,6 +405,7 @@ class MeshExport(L.Callback):
             timing["pass2_seconds"] = fit_seconds - timing["pass1_seconds"]
         timing.update(steady_throughput(self._step_times, pl_module, trainer.max_steps))
         timing.update(start_up_seconds(self._step_times, self._t0, pl_module, trainer.max_steps))
+        timing.update(self._clock.summary())
         if all(v is not None for v in self._startup.values()):
             timing["startup_seconds"] = dict(self._startup)  # since the process started
         if peaks is not None:
