@@ -43,7 +43,7 @@ def spatial_chunks(points: np.ndarray, max_size: int) -> list[np.ndarray]:
     return done[::-1]
 
 
-def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: int = 3000) -> Mesh:
+def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: int = 3000, chart_iterations: int = 1) -> Mesh:
     """UV-unwrap ``mesh`` with xatlas: returns a copy with ``uv`` [Nuv,2] in [0,1] and ``uv_faces`` [Nf,3].
 
     Positions and faces are kept (texture seams live in the separate UV index buffer, as in OBJ). resolution: the
@@ -53,6 +53,8 @@ def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: in
     27 s whole, 6 s as 16 pieces, on two cores). So meshes larger than ``chunk_faces`` are cut into compact
     spatial pieces (`spatial_chunks` of the face centroids) that xatlas charts independently, on its worker threads,
     and packs into one atlas; the pieces' borders become chart borders. ``chunk_faces=0`` charts the mesh whole.
+    chart_iterations: xatlas's ``ChartOptions.max_iterations``, its rounds of re-seeding and growing the charts (1,
+    xatlas's default; 0 grows them once: about a third faster, more charts).
     """
     import xatlas
 
@@ -67,7 +69,10 @@ def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: in
     for piece in pieces:
         used, local = np.unique(faces[piece], return_inverse=True)
         atlas.add_mesh(verts[used], local.reshape(-1, 3).astype(np.uint32))
+    if chart_iterations < 0:
+        raise ValueError(f"model.bake.unwrap_chart_iterations must be >= 0, got {chart_iterations}")
     chart_options = xatlas.ChartOptions()
+    chart_options.max_iterations = int(chart_iterations)
     pack_options = xatlas.PackOptions()
     pack_options.padding = padding
     pack_options.resolution = resolution

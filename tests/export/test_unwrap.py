@@ -35,9 +35,9 @@ def _area(v, faces):
     return 0.5 * torch.linalg.cross(b - a, c - a).norm(dim=-1)
 
 
-@pytest.mark.parametrize("chunk_faces", [0, 800])
-def test_unwrap_gives_a_valid_atlas(bumpy, chunk_faces):
-    mesh = unwrap(bumpy, resolution=512, chunk_faces=chunk_faces)
+@pytest.mark.parametrize("chunk_faces, iterations", [(0, 1), (800, 1), (800, 0)])
+def test_unwrap_gives_a_valid_atlas(bumpy, chunk_faces, iterations):
+    mesh = unwrap(bumpy, resolution=512, chunk_faces=chunk_faces, chart_iterations=iterations)
     assert mesh.uv_faces.shape == bumpy.faces.shape and torch.equal(mesh.faces, bumpy.faces)
     assert mesh.uv.min() >= 0 and mesh.uv.max() <= 1
     uv_area = _uv_area(mesh.uv, mesh.uv_faces)
@@ -57,3 +57,8 @@ def test_pieces_keep_most_of_the_atlas_space(bumpy):
     pieces = unwrap(bumpy, resolution=512, chunk_faces=800)
     used = [_uv_area(m.uv, m.uv_faces).sum().item() for m in (whole, pieces)]
     assert used[1] > 0.8 * used[0]  # packing efficiency within 20 % of the whole-mesh unwrap
+
+
+def test_negative_chart_iterations_are_refused(bumpy):
+    with pytest.raises(ValueError, match="unwrap_chart_iterations"):
+        unwrap(bumpy, chart_iterations=-1)
