@@ -435,7 +435,7 @@ def result_markdown(r: dict) -> str:
     if segments:
         passes += (" Milliseconds per step by segment, validation left out: "
                    + ", ".join(f"{a}-{b} {_fmt(seg['ms_per_step'], '.1f')}" for seg in segments for a, b in [seg["steps"]])
-                   + " (the segment where pass 2 begins holds the bake).")
+                   + " (the first segment holds the first-use compilation, the one where pass 2 begins the bake).")
     if validation.get("runs"):
         passes += f" {validation['runs']} validation runs took {validation['seconds']:.1f} s."
     if r.get("python"):

@@ -133,8 +133,8 @@ class SegmentClock:
 
     ``step_end(step)`` after each training step, ``validation_start()`` / ``validation_end()`` around each
     validation run; ``sync`` waits for the device first (a CUDA synchronize: once per segment and twice per
-    validation run), so the times are the device's as well as the host's. The segment in which pass 2 starts holds
-    the pass switch (the bake)."""
+    validation run), so the times are the device's as well as the host's. The first segment holds the first-use
+    compilation, the one in which pass 2 starts the pass switch (the bake)."""
 
     def __init__(self, segment_steps: int, sync: Callable[[], None] = lambda: None, clock=time.perf_counter):
         if segment_steps < 1:
