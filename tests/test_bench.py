@@ -112,7 +112,7 @@ def test_writers_json_markdown_and_summary(tmp_path):
     md = bench.write_result(r, tmp_path)[1].read_text()
     assert ("imports done at 1.2 s, config and run folder at 1.5 s, everything built (data module, model, trainer) "
             "at 2.0 s, data ready (scene, frames) at 2.5 s") in md
-    assert "validation left out: 0-500 20.0, 500-1000 12.2 (the segment" in md and "2 validation runs took 0.8 s." in md
+    assert "validation left out: 0-500 20.0, 500-1000 12.2 (the first segment" in md and "2 validation runs took 0.8 s." in md
     assert "train.py ran with /tmp/env/bin/python, without PYTHONPATH." in md
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
     summary = bench.write_summary(tmp_path).read_text()
