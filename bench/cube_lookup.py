@@ -68,14 +68,13 @@ def ordering(name: str, n: int, device: torch.device, stride: int = 4096) -> tor
 
 
 def lookup(rasterizer, levels: list[torch.Tensor], dirs: torch.Tensor, level: torch.Tensor | None,
-           perm: torch.Tensor | None) -> torch.Tensor:
-    """``rasterizer.cube_texture(levels, dirs, level)``, the lookups run in the order ``perm`` and the result put
-    back in the pixels' order."""
-    if perm is None:
+           order: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``rasterizer.cube_texture(levels, dirs, level)``, the lookups run in the order ``order = (perm, inverse)``
+    and the result put back in the pixels' order (as `NvdiffrastRasterizer.cube_texture` does with a cube_stride)."""
+    if order is None:
         return rasterizer.cube_texture(levels, dirs, level)
+    perm, inverse = order
     out = rasterizer.cube_texture(levels, dirs.index_select(0, perm), None if level is None else level.index_select(0, perm))
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     return out.index_select(0, inverse)
 
 
@@ -126,6 +125,7 @@ def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int 
         inputs = [*levels, dirs] + ([lvl] if lvl is not None else [])
         for order in ORDERS:
             perm = ordering(order, n, device, stride)
+            perm = None if perm is None else (perm, torch.argsort(perm))  # the inverse once, outside the timings
 
             def forward():
                 return lookup(rasterizer, levels, dirs, lvl, perm)

@@ -266,6 +266,7 @@ class MeshExport(L.Callback):
         self.png_level = check_png_level(png_level)
         self.segment_steps = int(segment_steps)
         self._clock = SegmentClock(self.segment_steps)  # validates segment_steps here, at instantiation
+        self._sync: Callable[[], None] = lambda: None  # waits for the training device (set at fit start)
         self.save_extracted = save_extracted
         self.evaluate = evaluate
         self.eval_samples = int(eval_samples)
@@ -292,8 +293,8 @@ class MeshExport(L.Callback):
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         device = pl_module.device
-        self._clock = SegmentClock(self.segment_steps, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda"
-                                   else (lambda: None))
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        self._clock = SegmentClock(self.segment_steps, self._sync)
         self._clock.start(trainer.global_step)
         self._t0 = time.perf_counter()
         self._startup["fit_start"] = process_age()  # the model on its device, optimisers configured
@@ -317,8 +318,7 @@ class MeshExport(L.Callback):
         if self._marks is None:  # the schedule is fixed for the fit: computed once, not every step
             self._marks = throughput_marks(pl_module, trainer.max_steps)
         if trainer.global_step in self._marks:
-            if pl_module.device.type == "cuda":
-                torch.cuda.synchronize(pl_module.device)
+            self._sync()
             self._step_times[trainer.global_step] = time.perf_counter()
         if trainer.is_global_zero:
             self._clock.step_end(trainer.global_step, last=trainer.global_step == trainer.max_steps)
