@@ -10,7 +10,9 @@ neighbouring threads look far apart: ``strided`` (threads t and t + 1 read pixel
 ``model.render.cube_stride`` does in training) and ``random``; the reordered variants include the gathers that
 reorder the inputs and restore the outputs' order. The directions are those of a unit sphere seen by ``--views``
 orthographic cameras (a covered disk per view, in scanline order), ``--pixels`` of them (by default about nerf800's
-covered pixels per step). Checks that every order gives the same values and gradients.
+covered pixels per step). Checks that every order gives the same values and per-pixel gradients, and measures each
+order's gradient to the cube texels against the exact one (from forward passes, `texel_gradient_errors`): at the 4
+corner texels of each face, where a bilinear footprint wraps onto three faces, and elsewhere (which must agree).
 
 CUDA: nvdiffrast's cube-mode texture (recon's CUDA path). ``--device cpu`` runs recon's PyTorch lookup, a check of
 this script rather than a measurement.
@@ -78,6 +80,33 @@ def lookup(rasterizer, levels: list[torch.Tensor], dirs: torch.Tensor, level: to
     return out.index_select(0, inverse)
 
 
+def texel_gradient_errors(rasterizer, levels: list[torch.Tensor], dirs: torch.Tensor, level: torch.Tensor | None,
+                          upstream: torch.Tensor, grads: list[torch.Tensor], gen: torch.Generator,
+                          others: int = 24) -> dict[str, float]:
+    """How far the backward pass's gradients to the cube texels are from the exact ones, largest relative error of
+    the texels at the cube's corners (the 4 corner texels of each face, where a bilinear footprint wraps onto three
+    faces) and of ``others`` texels drawn elsewhere, on the finest and the coarsest level.
+
+    The lookup is linear in the texels, so the exact gradient of ``(upstream * out).sum()`` to texel T is
+    ``(upstream * lookup(indicator of T)).sum(0)``: a forward pass, with no atomic additions in it."""
+    errors = {"corner": 0.0, "other": 0.0}
+    for li in sorted({0, len(levels) - 1}):
+        res = levels[li].shape[1]
+        corners = [(f, y, x) for f in range(6) for y in (0, res - 1) for x in (0, res - 1)]
+        drawn = torch.randint(0, res, (others, 3), generator=gen, device=levels[li].device).tolist()
+        rest = [(f % 6, y, x) for f, y, x in drawn if (y, x) not in {(0, 0), (0, res - 1), (res - 1, 0), (res - 1, res - 1)}]
+        for kind, texels in (("corner", corners), ("other", rest)):
+            for f, y, x in texels:
+                indicator = [torch.zeros_like(lv, requires_grad=False) for lv in levels]
+                indicator[li][f, y, x] = 1.0
+                with torch.no_grad():
+                    exact = (upstream * rasterizer.cube_texture(indicator, dirs, level)).sum(0)
+                got = grads[li][f, y, x]
+                err = float(((got - exact).abs().max() / exact.abs().max().clamp_min(1e-12)))
+                errors[kind] = max(errors[kind], err)
+    return errors
+
+
 def _timer(device: torch.device):
     if device.type == "cuda":
         def timed(fn, reps):
@@ -137,14 +166,17 @@ def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int 
             grads = both()
             if order == "scanline":
                 reference[case] = (out, grads)
-            else:
-                ref_out, ref_grads = reference[case]
-                torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # the same per-pixel arithmetic
-                for got, want in zip(grads, ref_grads):  # atomic adds in another order: rounding only
-                    assert (got is None) == (want is None)
-                    if want is not None:
-                        torch.testing.assert_close(got, want, rtol=1e-4,
-                                                   atol=1e-4 * float(want.abs().max()) + 1e-6)
+            ref_out, ref_grads = reference[case]
+            torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # the same per-pixel arithmetic
+            for got, want in zip(grads[len(levels):], ref_grads[len(levels):]):  # per pixel, no atomics
+                assert (got is None) == (want is None)
+                if want is not None:
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
+            fixed_level = None if lvl is None else lvl.detach()
+            errors = texel_gradient_errors(rasterizer, levels, dirs.detach(), fixed_level, upstream, grads[:len(levels)], g)
+            if errors["other"] > 1e-3:
+                raise AssertionError(f"{case}, {order} order: the cube's gradient away from the cube corners is off "
+                                     f"by {errors['other']:.2e} (relative) from the exact one")
             def cube_only():  # the gradient to the cube (and level) alone: how much the directions' costs
                 out = lookup(rasterizer, levels, dirs.detach(), lvl, perm)
                 return torch.autograd.grad(out, [x for x in inputs if x is not dirs], upstream, allow_unused=True)
@@ -153,9 +185,11 @@ def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int 
             total = timed(both, reps)
             cube_total = timed(cube_only, reps)
             rows.append({"lookup": case, "order": order, "forward_ms": fwd, "forward_backward_ms": total,
-                         "forward_backward_no_dir_grad_ms": cube_total})
+                         "forward_backward_no_dir_grad_ms": cube_total,
+                         "corner_gradient_error": errors["corner"], "other_gradient_error": errors["other"]})
             print(f"{case:9} {order:9} forward {fwd:8.3f} ms   forward+backward {total:8.3f} ms   "
-                  f"without the directions' gradient {cube_total:8.3f} ms", flush=True)
+                  f"without the directions' gradient {cube_total:8.3f} ms   gradient error: corner texels "
+                  f"{errors['corner']:.1e}, others {errors['other']:.1e}", flush=True)
     return {"pixels": n, "views": views, "base_res": base_res, "diffuse_res": diffuse_res, "stride": stride,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "rows": rows}

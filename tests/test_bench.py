@@ -257,8 +257,9 @@ def test_git_commit_names_the_benchmarked_tree(tmp_path, monkeypatch):
 
 
 def test_cube_lookup_orders_agree_on_cpu(tmp_path):
-    """bench/cube_lookup.py: every order is a permutation, gives the scanline values and gradients (it asserts so
-    itself), and the directions are unit normals of a sphere's visible side."""
+    """bench/cube_lookup.py: every order is a permutation, gives the scanline values and per-pixel gradients (it
+    asserts so itself), its exact texel-gradient reference finds autograd's gradients exact and a wrong one wrong,
+    and the directions are unit normals of a sphere's visible side."""
     spec = importlib.util.spec_from_file_location("bench_cube_lookup", ROOT / "bench" / "cube_lookup.py")
     cube = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cube)
@@ -276,3 +277,18 @@ def test_cube_lookup_orders_agree_on_cpu(tmp_path):
                         "--out", str(tmp_path / "cube.json")])
     assert result["pixels"] == 1500 and len(result["rows"]) == 6
     assert json.loads((tmp_path / "cube.json").read_text())["rows"] == result["rows"]
+    # autograd's gradients are exact: the forward-pass reference agrees at the corners and elsewhere
+    assert all(r["corner_gradient_error"] < 1e-4 and r["other_gradient_error"] < 1e-4 for r in result["rows"])
+    # and the reference sees a wrong corner gradient
+    from recon.render import make_rasterizer
+
+    ras = make_rasterizer("torch", "cpu")
+    cube_levels = [torch.rand(6, 8, 8, 3, requires_grad=True)]
+    dirs = torch.nn.functional.normalize(torch.randn(3000, 3), dim=-1)
+    upstream = torch.rand(3000, 3)
+    (grad,) = torch.autograd.grad(ras.cube_texture(cube_levels, dirs), cube_levels, upstream)
+    gen = torch.Generator().manual_seed(0)
+    assert cube.texel_gradient_errors(ras, cube_levels, dirs, None, upstream, [grad], gen)["corner"] < 1e-4
+    grad[2, 0, 7] *= 1.1
+    errors = cube.texel_gradient_errors(ras, cube_levels, dirs, None, upstream, [grad], gen)
+    assert 0.09 < errors["corner"] < 0.11 and errors["other"] < 1e-4

@@ -173,7 +173,10 @@ def test_cube_texture_agrees_away_from_face_edges(backends):
 
 def test_strided_cube_lookups_match_the_pixel_order(backends):
     """``cube_stride``: the lookups run reordered and come back in the pixels' order: the same values exactly, the
-    same gradients to every level, the mip level and the directions (up to the order of atomic additions)."""
+    same gradients to the mip level and the directions exactly, and to every texel away from the cube's corners up to
+    the order of the atomic additions. (At the 4 corner texels of each face, where nvdiffrast spreads one footprint
+    over three faces, its gradient depends on which lookups share a warp: `bench/cube_lookup.py` measures that
+    against the exact gradient.)"""
     pytest.importorskip("nvdiffrast")
     from recon.render.nvdiffrast import NvdiffrastRasterizer
 
@@ -192,8 +195,12 @@ def test_strided_cube_lookups_match_the_pixel_order(backends):
             out = ras.cube_texture(levels, dirs.reshape(50_001, 1, 3), level.reshape(50_001, 1) if use_level else None)
             assert out.shape == (50_001, 1, 3)
             (out[:, 0] * weights).sum().backward()
-            results.append((out.detach(), [lv.grad for lv in levels] + [dirs.grad] + ([level.grad] if use_level else [])))
-        (out_a, grads_a), (out_b, grads_b) = results
+            results.append((out.detach(), [lv.grad for lv in levels], [dirs.grad] + ([level.grad] if use_level else [])))
+        (out_a, texels_a, pixels_a), (out_b, texels_b, pixels_b) = results
         assert torch.equal(out_a, out_b)
-        for a, b in zip(grads_a, grads_b):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-7)
+        for a, b in zip(pixels_a, pixels_b):
+            assert torch.equal(a, b)
+        for a, b in zip(texels_a, texels_b):
+            away = torch.ones_like(a, dtype=torch.bool)
+            away[:, 0, 0] = away[:, 0, -1] = away[:, -1, 0] = away[:, -1, -1] = False
+            torch.testing.assert_close(b[away], a[away], rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-7)
