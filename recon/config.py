@@ -151,8 +151,8 @@ class OptimConfig:
 class BakeConfig:
     texture_res: int = 2048               # side of the baked textures (pass 2 and export)
     max_faces: int = 100000               # quadric decimation before UV unwrapping (0 keeps all)
-    unwrap_chunk_faces: int = 3000        # xatlas charts pieces of this many faces in parallel (0: the whole mesh)
-    unwrap_chart_iterations: int = 1      # xatlas's chart re-seeding rounds (ChartOptions.max_iterations; 0: a third faster)
+    unwrap_chunk_faces: int = 1500        # xatlas charts pieces of this many faces in parallel (0: the whole mesh)
+    unwrap_chart_iterations: int = 0      # xatlas's chart re-seeding rounds (ChartOptions.max_iterations; 1: xatlas's default)
     cull_invisible: bool = True           # drop faces no training view sees (interior DMTet surfaces)
 
 

@@ -336,8 +336,8 @@ class ReconSystem(L.LightningModule):
         mesh = simplify(mesh, int(self.bake_cfg.get("max_faces", 100_000)))
         t2 = time.perf_counter()
         res = int(self.bake_cfg.get("texture_res", 2048))
-        mesh = unwrap(mesh, resolution=res, chunk_faces=int(self.bake_cfg.get("unwrap_chunk_faces", 3000)),
-                      chart_iterations=int(self.bake_cfg.get("unwrap_chart_iterations", 1))).with_tangents()
+        mesh = unwrap(mesh, resolution=res, chunk_faces=int(self.bake_cfg.get("unwrap_chunk_faces", 1500)),
+                      chart_iterations=int(self.bake_cfg.get("unwrap_chart_iterations", 0))).with_tangents()
         t3 = time.perf_counter()
         tex = bake_pbr_textures(self.rasterizer, mesh, self.material.sample, res)
         if not self.perturb_normal:  # the normal channels were never trained: export the unperturbed normal

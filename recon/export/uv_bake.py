@@ -43,7 +43,7 @@ def spatial_chunks(points: np.ndarray, max_size: int) -> list[np.ndarray]:
     return done[::-1]
 
 
-def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: int = 3000, chart_iterations: int = 1) -> Mesh:
+def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: int = 1500, chart_iterations: int = 0) -> Mesh:
     """UV-unwrap ``mesh`` with xatlas: returns a copy with ``uv`` [Nuv,2] in [0,1] and ``uv_faces`` [Nf,3].
 
     Positions and faces are kept (texture seams live in the separate UV index buffer, as in OBJ). resolution: the
@@ -53,8 +53,10 @@ def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: in
     27 s whole, 6 s as 16 pieces, on two cores). So meshes larger than ``chunk_faces`` are cut into compact
     spatial pieces (`spatial_chunks` of the face centroids) that xatlas charts independently, on its worker threads,
     and packs into one atlas; the pieces' borders become chart borders. ``chunk_faces=0`` charts the mesh whole.
-    chart_iterations: xatlas's ``ChartOptions.max_iterations``, its rounds of re-seeding and growing the charts (1,
-    xatlas's default; 0 grows them once: about a third faster, more charts).
+    chart_iterations: xatlas's ``ChartOptions.max_iterations``, its rounds of re-seeding and growing the charts. 0
+    grows them once: on a 100k-face surface with pieces of 1500 faces, 2.3 s on two cores against 5.5 s for xatlas's
+    default 1 with pieces of 3000, the same share of the atlas used, a fifth more charts; on a GPU fit (nerf800) the
+    same test PSNR and chamfer.
     """
     import xatlas
 
