@@ -1,13 +1,17 @@
 """Fit a textured mesh to multi-view images: `python train.py [experiment=cpu] [data.path=DIR] [key=value ...]`."""
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from recon import startup
 
-from recon.callbacks.failure_report import FitFailure
-from recon.config import register_configs
-from recon.fit import mark_startup, run_fit
+startup.pause()  # no garbage collection while start-up builds its objects: resumed after the first step (recon.startup)
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from recon.callbacks.failure_report import FitFailure  # noqa: E402
+from recon.config import register_configs  # noqa: E402
+from recon.fit import mark_startup, run_fit  # noqa: E402
 
 mark_startup("imported")  # timing.json's startup_seconds: how long the imports took
 register_configs()  # typed schemas: a misspelt key fails at compose time, not at step 4000

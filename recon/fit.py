@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from recon import startup
 from recon.callbacks.failure_report import FitCancelled, FitFailure, write_failure
 from recon.config import register_configs, write_run_config
 from recon.resources import ResourceError, check_resources
@@ -92,7 +93,10 @@ def run_fit(cfg: DictConfig, out_dir: str | Path, extra_callbacks: Sequence[L.Ca
     mark_startup("memory_checked")
     datamodule = hydra.utils.instantiate(cfg.data)
     system = hydra.utils.instantiate(cfg.model)
+    from recon.callbacks.startup_gc import ResumeCollection
+
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()] + list(extra_callbacks)
+    callbacks.append(ResumeCollection())  # train.py paused garbage collection for start-up (recon.startup)
     logger = hydra.utils.instantiate(cfg.logger)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     mark_startup("built")
@@ -103,3 +107,5 @@ def run_fit(cfg: DictConfig, out_dir: str | Path, extra_callbacks: Sequence[L.Ca
         if not reports:
             raise
         raise FitFailure(reports[0]["message"], reports[0]) from None  # the report, not a traceback
+    finally:
+        startup.resume()  # a fit that ended before its first step (nothing when it already ran)
