@@ -11,19 +11,22 @@ from recon.geometry.mesh import Mesh
 
 
 def simplify(mesh: Mesh, max_faces: int) -> Mesh:
-    """Quadric-error decimation (fast-simplification through trimesh) down to ``max_faces`` triangles.
+    """Quadric-error decimation (fast-simplification, the library behind trimesh's) down to ``max_faces`` triangles.
 
     DMTet meshes are uniformly dense; UV unwrapping time grows quickly with the triangle count, so the
     export decimates first. Meshes already small enough are returned unchanged. Normals are recomputed.
+    fast-simplification is called directly: importing trimesh at the pass switch cost 1.3 s on a GPU server (the
+    decimation of 180k faces itself 0.1-0.2 s).
     """
     if max_faces <= 0 or mesh.faces.shape[0] <= max_faces:
         return mesh
-    import trimesh
+    from fast_simplification import simplify as decimate
 
-    tm = trimesh.Trimesh(mesh.verts.detach().cpu().numpy(), mesh.faces.detach().cpu().numpy(), process=False)
-    small = tm.simplify_quadric_decimation(face_count=int(max_faces))
-    verts = torch.as_tensor(np.asarray(small.vertices), dtype=mesh.verts.dtype, device=mesh.verts.device)
-    faces = torch.as_tensor(np.asarray(small.faces), dtype=torch.int64, device=mesh.verts.device)
+    points = mesh.verts.detach().cpu().numpy().astype(np.float64)
+    triangles = mesh.faces.detach().cpu().numpy().astype(np.int64)
+    verts, faces = decimate(points, triangles, target_count=int(max_faces))
+    verts = torch.as_tensor(np.asarray(verts), dtype=mesh.verts.dtype, device=mesh.verts.device)
+    faces = torch.as_tensor(np.asarray(faces), dtype=torch.int64, device=mesh.verts.device)
     return Mesh(verts=verts, faces=faces).with_normals()
 
 

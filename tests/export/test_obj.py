@@ -85,6 +85,11 @@ def test_simplify_caps_faces_and_keeps_shape(sphere):
     r = small.verts.norm(dim=-1)
     assert (r - 0.8).abs().max() < 0.02  # still the sphere
     assert simplify(sphere, 10**6) is sphere
+    # the decimation trimesh's simplify_quadric_decimation gives (the same library, called directly)
+    ref = fine.simplify_quadric_decimation(face_count=1000)
+    assert small.faces.shape[0] == len(ref.faces) and small.verts.shape[0] == len(ref.vertices)
+    gap = torch.cdist(small.verts.double(), torch.tensor(ref.vertices)).min(dim=1).values
+    assert gap.max() < 1e-6
 
 
 def test_atomic_write_gives_normal_permissions(tmp_path):
