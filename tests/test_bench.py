@@ -292,3 +292,19 @@ def test_cube_lookup_orders_agree_on_cpu(tmp_path):
     grad[2, 0, 7] *= 1.1
     errors = cube.texel_gradient_errors(ras, cube_levels, dirs, None, upstream, [grad], gen)
     assert 0.09 < errors["corner"] < 0.11 and errors["other"] < 1e-4
+
+
+def test_unwrap_bench_times_each_setting(tmp_path):
+    """bench/unwrap.py: a DMTet surface decimated and unwrapped per setting, with charts and atlas share."""
+    spec = importlib.util.spec_from_file_location("bench_unwrap", ROOT / "bench" / "unwrap.py")
+    bench_unwrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_unwrap)
+    result = bench_unwrap.main(["--grid", "32", "--faces", "3000", "--resolution", "256", "--settings", "600:0", "600:1",
+                                "--out", str(tmp_path / "unwrap.json")])
+    assert result["extracted_faces"] > result["faces"] and result["faces"] <= 3000
+    assert [(r["piece_faces"], r["chart_rounds"]) for r in result["rows"]] == [(600, 0), (600, 1)]
+    for row in result["rows"]:
+        assert row["charts"] >= result["faces"] // 600 and 0.2 < row["atlas_used"] <= 1.0 and row["unwrap_seconds"] > 0
+    assert json.loads((tmp_path / "unwrap.json").read_text())["rows"] == result["rows"]
+    with pytest.raises(ValueError, match="PIECE_FACES:CHART_ROUNDS"):
+        bench_unwrap.parse_setting("1500")
