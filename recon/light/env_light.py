@@ -232,6 +232,7 @@ class EnvironmentLight(nn.Module):
         level whose texels have about that solid angle, so few fixed samples give a smooth, unbiased-ish blur.
         Returns (rows, cols, weights): output texel of the level, texel of the concatenated chain (`offsets`
         give where each level starts), weight; sorted by (row, column) without repeats; a row's weights sum to one.
+        Each sample is read bilinearly inside the face it hits (`cube_taps`), as on every backend.
         """
         res = chain_res[level]
         n_samples = int(max(self.prefilter_samples, min(1024, 2**17 // (6 * res * res))))

@@ -73,16 +73,75 @@ def cube_taps(res: int, face: Tensor, uv: Tensor) -> tuple[Tensor, Tensor]:
     return idx, w
 
 
+# nvdiffrast's cube-map wrapping tables (common/texture.cu, c_cubeWrapMask1/2), indexed by face * 8 + the case of the
+# bilinear footprint (left/inside/right x above/inside/below, the all-inside case left out). Word 1 per footprint
+# tap k = 0..3: bits 2k and 8 + 2k pick each tap's column and row from (0, the footprint's column, its row), bits
+# 16 + 4k its face plus one (0: none, a cube corner). Word 2: bits k and 4 + k mirror the tap's column and row.
+_WRAP_TAPS = (
+    0x1530A440, 0x1133A550, 0x6103A110, 0x1515AA44, 0x6161AA11, 0x40154A04, 0x44115A05, 0x04611A01,
+    0x2630A440, 0x2233A550, 0x5203A110, 0x2626AA44, 0x5252AA11, 0x40264A04, 0x44225A05, 0x04521A01,
+    0x32608064, 0x3366A055, 0x13062091, 0x32328866, 0x13132299, 0x50320846, 0x55330A55, 0x05130219,
+    0x42508064, 0x4455A055, 0x14052091, 0x42428866, 0x14142299, 0x60420846, 0x66440A55, 0x06140219,
+    0x5230A044, 0x5533A055, 0x1503A011, 0x5252AA44, 0x1515AA11, 0x40520A44, 0x44550A55, 0x04150A11,
+    0x6130A044, 0x6633A055, 0x2603A011, 0x6161AA44, 0x2626AA11, 0x40610A44, 0x44660A55, 0x04260A11,
+)
+_WRAP_FLIPS = (
+    0x26, 0x33, 0x11, 0x05, 0x00, 0x09, 0x0C, 0x04, 0x04, 0x00, 0x00, 0x05, 0x00, 0x81, 0xC0, 0x40,
+    0x02, 0x03, 0x09, 0x00, 0x0A, 0x00, 0x00, 0x02, 0x64, 0x30, 0x90, 0x55, 0xA0, 0x99, 0xCC, 0x64,
+    0x24, 0x30, 0x10, 0x05, 0x00, 0x01, 0x00, 0x00, 0x06, 0x03, 0x01, 0x05, 0x00, 0x89, 0xCC, 0x44,
+)
+
+
+def cube_taps_wrapped(res: int, face: Tensor, uv: Tensor) -> tuple[Tensor, Tensor]:
+    """`cube_taps` as nvdiffrast's cube mode filters: a footprint that crosses a face edge takes its outer taps from
+    the neighbouring face, and at a cube corner, where only three texels meet, the missing tap is the mean of the
+    other three (its weight goes to them in equal parts). Flat texel indices [...,4] into [6*R*R, C] and weights
+    [...,4] (summing to one; a corner's missing tap repeats another's index with weight 0)."""
+    p = uv * res - 0.5
+    p0 = p.floor()
+    f = p - p0
+    iu0, iv0 = p0[..., 0].long(), p0[..., 1].long()
+    iu1, iv1 = iu0 + 1, iv0 + 1
+    fx, fy = f[..., 0], f[..., 1]
+    w = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), dim=-1)
+    inside = torch.stack((iu0 + res * iv0, iu1 + res * iv0, iu0 + res * iv1, iu1 + res * iv1), dim=-1)
+    idx = inside + (face * (res * res))[..., None]
+    wrap = (iu0 < 0) | (iv0 < 0) | (iu1 >= res) | (iv1 >= res)
+    if not bool(wrap.any()):
+        return idx, w
+    # nvdiffrast's wrapCubeMap, for every footprint (used where it crosses an edge)
+    case = torch.where(iu0 < 0, 0, torch.where(iu1 >= res, 2, 1)) + torch.where(iv0 < 0, 0, torch.where(iv1 >= res, 6, 3))
+    case = face * 8 + torch.where(case >= 5, case - 1, case)
+    taps = torch.tensor(_WRAP_TAPS, dtype=torch.int64, device=uv.device)[case]
+    flips = torch.tensor(_WRAP_FLIPS, dtype=torch.int64, device=uv.device)[case]
+    zero = torch.zeros_like(iu0)
+    col_src = ((iu0, iv0), (iu1, iv0), (iu0, iv1), (iu1, iv1))  # (footprint column, row) each tap may copy
+    wrapped = []
+    for k, (cu, cv) in enumerate(col_src):
+        x_code, y_code = (taps >> (2 * k)) & 3, (taps >> (8 + 2 * k)) & 3
+        x = torch.where(x_code == 1, cu, torch.where(x_code == 2, cv, zero))
+        y = torch.where(y_code == 1, cu, torch.where(y_code == 2, cv, zero))
+        x = torch.where((flips >> k) & 1 == 1, res - 1 - x, x)
+        y = torch.where((flips >> (4 + k)) & 1 == 1, res - 1 - y, y)
+        tap_face = ((taps >> (16 + 4 * k)) & 15) - 1
+        wrapped.append(torch.where(tap_face < 0, -1, x + (y + tap_face * res) * res))
+    wrapped = torch.stack(wrapped, dim=-1)
+    missing = wrapped < 0  # a cube corner: at most one tap of a footprint
+    spread = (w * missing).sum(-1, keepdim=True) / 3
+    w_wrapped = torch.where(missing, 0.0, w + spread)
+    stand_in = torch.where(missing, wrapped.max(-1, keepdim=True).values, wrapped)  # any real tap, weight 0
+    return torch.where(wrap[..., None], stand_in, idx), torch.where(wrap[..., None], w_wrapped, w)
+
+
 def sample_cube(cube: Tensor, dirs: Tensor, coords: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Bilinear lookup of cube [6,R,R,C] along dirs [...,3] -> [...,C]; differentiable w.r.t. cube.
 
-    Filtering stays inside the face the direction hits, clamped at its border: within half a texel of a cube
-    edge the result is the edge texel row rather than a blend across faces (nvdiffrast's 'cube' mode blends),
-    a seam error that shrinks with resolution and that the GGX prefilter and diffuse convolution smooth over.
+    Filters across face edges and corners as nvdiffrast's 'cube' mode does (`cube_taps_wrapped`), so the CPU and
+    CUDA lookups agree at the seams too.
     """
     res, ch = cube.shape[1], cube.shape[-1]
     face, uv = dir_to_cube(dirs.detach()) if coords is None else coords  # coords: dir_to_cube(dirs), reused
-    idx, w = cube_taps(res, face, uv)
+    idx, w = cube_taps_wrapped(res, face, uv)
     return (take_rows(cube.reshape(-1, ch), idx) * w.to(cube.dtype)[..., None]).sum(-2)  # the 4 taps: [...,4,C]
 
 

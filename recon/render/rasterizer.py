@@ -100,8 +100,8 @@ class Rasterizer(ABC):
         levels: [6,R,R,C] cube faces (`recon.render.cube`'s convention, nvdiffrast's), then its coarser levels, each
         half the previous. dirs: [...,3] (need not be unit length). level: [...] fractional mip level (0 = levels[0],
         clamped to the chain); None samples levels[0] bilinearly. Returns [...,C], differentiable w.r.t. every
-        level and ``level``. This default is the PyTorch lookup of `recon.render.cube` (filtering stays inside each
-        face); backends with a native cube-map sampler override it.
+        level and ``level``. This default is the PyTorch lookup of `recon.render.cube` (filtering across face edges
+        and corners as nvdiffrast's cube mode does); backends with a native cube-map sampler override it.
         """
         from recon.render.cube import sample_cube_mips
 

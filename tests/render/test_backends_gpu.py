@@ -171,6 +171,22 @@ def test_cube_texture_agrees_away_from_face_edges(backends):
     assert (single[0] - single[1]).abs().max() < 1e-5
 
 
+def test_cube_texture_agrees_at_edges_and_corners(backends):
+    """The torch lookup filters across face edges and corners with nvdiffrast's wrapping tables
+    (`recon.render.cube.cube_taps_wrapped`): bilinear values agree everywhere, directions on and near the seams and
+    the cube's corners included."""
+    pytest.importorskip("nvdiffrast")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    cube = torch.rand(6, 16, 16, 3, generator=gen, device="cuda")
+    dirs = torch.nn.functional.normalize(torch.randn(200_000, 3, generator=gen, device="cuda"), dim=-1)
+    near_edge = dirs.abs().sort(-1).values  # push half of them to within a texel of an edge or a corner
+    edge = torch.nn.functional.normalize(dirs.sign() * torch.stack([near_edge[:, 2], near_edge[:, 2] * (1 - 0.05 *
+                                         torch.rand(200_000, generator=gen, device="cuda")), near_edge[:, 0]], -1), dim=-1)
+    dirs = torch.cat([dirs, edge, torch.nn.functional.normalize(dirs.sign(), dim=-1)])
+    outs = [backend.cube_texture([cube], dirs) for backend in backends]
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=0)
+
+
 def test_strided_cube_lookups_match_the_pixel_order(backends):
     """``cube_stride``: the lookups run reordered and come back in the pixels' order: the same values exactly, the
     same gradients to the mip level and the directions exactly, and to every texel away from the cube's corners up to
