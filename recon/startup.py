@@ -9,23 +9,29 @@ to the permanent generation (``gc.freeze``: later collections skip it) and switc
 once before freezing would cost one more full traversal (0.48 s there) to free start-up's cyclic garbage: 32.6k
 small objects (dicts, tuples, closures; no arrays, no tensors), which stay allocated instead. At exit the frozen
 objects are handed back (``gc.unfreeze``), so that the interpreter's final collection sees them as it would have
-(extension modules such as Triton's report the objects still alive at shutdown as leaks). Plain Python: no torch
+(extension modules such as Triton's report the objects still alive at shutdown as leaks). A process forked while
+collection is paused (DataLoader workers with ``data.num_workers`` > 0) resumes it at once. Plain Python: no torch
 here.
 """
 from __future__ import annotations
 
 import atexit
 import gc
+import os
 
 _paused = False
+_fork_hook = False
 
 
 def pause() -> None:
     """Switch automatic collection off until `resume` (nothing if it is already off: the caller's choice stands)."""
-    global _paused
+    global _paused, _fork_hook
     if gc.isenabled():
         gc.disable()
         _paused = True
+        if not _fork_hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=resume)  # a forked worker collects its own garbage
+            _fork_hook = True
 
 
 def paused() -> bool:

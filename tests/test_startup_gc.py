@@ -69,3 +69,22 @@ def test_train_py_pauses_collection_for_its_imports():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_process_forked_while_paused_collects_again(collector):
+    import os
+
+    gc.enable()
+    startup.pause()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it collects, then leave without running the parent's cleanup
+        os.write(write, b"1" if gc.isenabled() and not startup.paused() else b"0")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    assert not gc.isenabled() and startup.paused()  # the parent stays paused until its first step
+    startup.resume()
