@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from recon import startup
 from recon.callbacks.failure_report import FitCancelled, FitFailure, write_failure
+from recon.callbacks.startup_gc import ResumeCollection
 from recon.config import register_configs, write_run_config
 from recon.resources import ResourceError, check_resources
 
@@ -93,8 +94,6 @@ def run_fit(cfg: DictConfig, out_dir: str | Path, extra_callbacks: Sequence[L.Ca
     mark_startup("memory_checked")
     datamodule = hydra.utils.instantiate(cfg.data)
     system = hydra.utils.instantiate(cfg.model)
-    from recon.callbacks.startup_gc import ResumeCollection
-
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()] + list(extra_callbacks)
     callbacks.append(ResumeCollection())  # train.py paused garbage collection for start-up (recon.startup)
     logger = hydra.utils.instantiate(cfg.logger)
