@@ -14,8 +14,9 @@ covered pixels per step). Checks that every order gives the same values and per-
 order's gradient to the cube texels against the exact one (from forward passes, `texel_gradient_errors`): at the 4
 corner texels of each face, where a bilinear footprint wraps onto three faces, and elsewhere (which must agree).
 
-CUDA: nvdiffrast's cube-mode texture (recon's CUDA path). ``--device cpu`` runs recon's PyTorch lookup, a check of
-this script rather than a measurement.
+CUDA: nvdiffrast's cube-mode texture (recon's CUDA path), and with ``--kernels nvdiffrast triton`` also recon's
+Triton lookup (`recon/render/cube_triton.py`, ``model.render.cube_kernel=triton``); ``--orders scanline`` times the
+pixels' order alone. ``--device cpu`` runs recon's PyTorch lookup, a check of this script rather than a measurement.
 """
 from __future__ import annotations
 
@@ -130,10 +131,13 @@ def _timer(device: torch.device):
 
 
 def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int = 512, diffuse_res: int = 16,
-        stride: int = 4096) -> dict:
+        stride: int = 4096, kernels: tuple[str, ...] = ("nvdiffrast",), orders: tuple[str, ...] = ORDERS) -> dict:
     from recon.render import make_rasterizer
 
-    rasterizer = make_rasterizer("nvdiffrast" if device.type == "cuda" else "torch", device)
+    if device.type != "cuda":
+        kernels = ("torch",)
+    rasterizers = {k: make_rasterizer("torch", device) if k == "torch" else make_rasterizer("nvdiffrast", device, cube_kernel=k)
+                   for k in kernels}
     g = torch.Generator(device=device).manual_seed(0)
     normals, reflected = sphere_directions(pixels, views, device)
     n = normals.shape[0]
@@ -152,7 +156,8 @@ def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int 
         dirs = dirs.clone().requires_grad_(True)
         upstream = torch.rand(n, 3, device=device, generator=g)
         inputs = [*levels, dirs] + ([lvl] if lvl is not None else [])
-        for order in ORDERS:
+        for kernel, order in [(k, o) for k in kernels for o in orders]:
+            rasterizer = rasterizers[kernel]
             perm = ordering(order, n, device, stride)
             perm = None if perm is None else (perm, torch.argsort(perm))  # the inverse once, outside the timings
 
@@ -164,9 +169,9 @@ def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int 
 
             out = forward().detach()
             grads = both()
-            if order == "scanline":
-                reference[case] = (out, grads)
-            ref_out, ref_grads = reference[case]
+            if order == orders[0]:
+                reference[case, kernel] = (out, grads)
+            ref_out, ref_grads = reference[case, kernel]
             torch.testing.assert_close(out, ref_out, rtol=0, atol=0)  # the same per-pixel arithmetic
             for got, want in zip(grads[len(levels):], ref_grads[len(levels):]):  # per pixel, no atomics
                 assert (got is None) == (want is None)
@@ -184,10 +189,10 @@ def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int 
             fwd = timed(forward, reps)
             total = timed(both, reps)
             cube_total = timed(cube_only, reps)
-            rows.append({"lookup": case, "order": order, "forward_ms": fwd, "forward_backward_ms": total,
+            rows.append({"lookup": case, "kernel": kernel, "order": order, "forward_ms": fwd, "forward_backward_ms": total,
                          "forward_backward_no_dir_grad_ms": cube_total,
                          "corner_gradient_error": errors["corner"], "other_gradient_error": errors["other"]})
-            print(f"{case:9} {order:9} forward {fwd:8.3f} ms   forward+backward {total:8.3f} ms   "
+            print(f"{case:9} {kernel:10} {order:9} forward {fwd:8.3f} ms   forward+backward {total:8.3f} ms   "
                   f"without the directions' gradient {cube_total:8.3f} ms   gradient error: corner texels "
                   f"{errors['corner']:.1e}, others {errors['other']:.1e}", flush=True)
     return {"pixels": n, "views": views, "base_res": base_res, "diffuse_res": diffuse_res, "stride": stride,
@@ -203,12 +208,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base-res", type=int, default=512)
     ap.add_argument("--stride", type=int, default=4096)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kernels", nargs="+", default=["nvdiffrast"], choices=["nvdiffrast", "triton"],
+                    help="CUDA: the cube-map kernels to time (model.render.cube_kernel)")
+    ap.add_argument("--orders", nargs="+", default=list(ORDERS), choices=list(ORDERS))
     ap.add_argument("--out", type=Path, default=None, help="also write the rows here as JSON")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU machine, or --device cpu to check the script")
-    result = run(args.pixels, args.views, args.reps, device, args.base_res, stride=args.stride)
+    result = run(args.pixels, args.views, args.reps, device, args.base_res, stride=args.stride,
+                 kernels=tuple(args.kernels), orders=tuple(args.orders))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -114,7 +114,8 @@ class ReconSystem(L.LightningModule):
     def rasterizer(self):
         if self._rasterizer is None:
             self._rasterizer = make_rasterizer(self.render_cfg.get("backend", "auto"), self.device,
-                                               int(self.render_cfg.get("cube_stride", 0)))
+                                               int(self.render_cfg.get("cube_stride", 0)),
+                                               str(self.render_cfg.get("cube_kernel", "nvdiffrast")))
         return self._rasterizer
 
     @property

@@ -124,14 +124,27 @@ class NvdiffrastRasterizer(Rasterizer):
     gradient (`bench/cube_lookup.py`, H200, 1.32M lookups) the pixels' order is 20-25 % off at those texels, a
     stride of 4096 2 % (the 16² diffuse cube) and 5e-7 (the 512²-16² specular chain). The strided lookups cost more
     (0.74 + 0.25 ms per step with their backward), so 0 is the default.
+    cube_kernel: "nvdiffrast" (its cube-mode texture) or "triton" (`recon.render.cube_triton`: the same lookup, exact
+    at the corner texels, its backward adding runs of equal texels once; ``model.render.cube_kernel``).
     """
 
     name = "nvdiffrast"
+    CUBE_KERNELS = ("nvdiffrast", "triton")
 
-    def __init__(self, device: torch.device | str | None = None, cube_stride: int = 0) -> None:
+    def __init__(self, device: torch.device | str | None = None, cube_stride: int = 0,
+                 cube_kernel: str = "nvdiffrast") -> None:
         if cube_stride < 0:
             raise ValueError(f"render.cube_stride must be 0 (directions' order) or positive, got {cube_stride}")
+        if cube_kernel not in self.CUBE_KERNELS:
+            raise ValueError(f"render.cube_kernel={cube_kernel!r}: use one of {', '.join(self.CUBE_KERNELS)}.")
+        if cube_kernel == "triton" and cube_stride:
+            raise ValueError(f"render.cube_stride={cube_stride} reorders nvdiffrast's cube-map lookups; "
+                             "render.cube_kernel=triton sums runs of neighbouring lookups instead: set cube_stride=0.")
+        if cube_kernel == "triton" and importlib.util.find_spec("triton") is None:
+            raise ImportError("render.cube_kernel=triton needs the triton package (installed with torch on Linux "
+                              "CUDA builds); use render.cube_kernel=nvdiffrast.")
         self.cube_stride = int(cube_stride)
+        self.cube_kernel = cube_kernel
         self.device = torch.device(device) if device is not None else torch.device("cuda")
         self._faces = _FacesCache()  # faces -> int32 copy
         self._topology = _FacesCache()  # faces -> nvdiffrast topology hash
@@ -206,6 +219,10 @@ class NvdiffrastRasterizer(Rasterizer):
         across face edges; gradients also reach ``dirs`` (as in nvdiffrec)."""
         import nvdiffrast.torch as dr
 
+        if self.cube_kernel == "triton":
+            from recon.render.cube_triton import cube_lookup
+
+            return cube_lookup(levels, dirs, level)
         _load_plugin()
         shape = dirs.shape[:-1]
         dirs = dirs.reshape(-1, 3)

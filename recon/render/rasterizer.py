@@ -117,13 +117,14 @@ def _wants_cuda(device: torch.device | str | None) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def make_rasterizer(backend: str = "auto", device: torch.device | str | None = None, cube_stride: int = 0) -> Rasterizer:
+def make_rasterizer(backend: str = "auto", device: torch.device | str | None = None, cube_stride: int = 0,
+                    cube_kernel: str = "nvdiffrast") -> Rasterizer:
     """The rasterizer named by `render.backend`.
 
     backend: "auto" (nvdiffrast on a CUDA device when it imports, else torch), "torch" (pure PyTorch,
     any device) or "nvdiffrast" (CUDA only). device: where the tensors will live; None means CUDA when
-    this process sees a GPU. cube_stride: nvdiffrast's cube-map lookup order (`NvdiffrastRasterizer`; the torch
-    backend ignores it).
+    this process sees a GPU. cube_stride, cube_kernel: the CUDA backend's cube-map lookups (`NvdiffrastRasterizer`;
+    the torch backend ignores them).
     """
     if backend not in BACKENDS:
         raise ValueError(f"render.backend={backend!r} is not a rasterizer; valid names: {', '.join(BACKENDS)}.")
@@ -136,7 +137,7 @@ def make_rasterizer(backend: str = "auto", device: torch.device | str | None = N
 
     if backend == "auto":
         if _wants_cuda(device) and torch.cuda.is_available() and nvdr_backend.is_available():
-            return nvdr_backend.NvdiffrastRasterizer(device, cube_stride)
+            return nvdr_backend.NvdiffrastRasterizer(device, cube_stride, cube_kernel)
         return TorchRasterizer()
 
     if not torch.cuda.is_available():
@@ -154,4 +155,4 @@ def make_rasterizer(backend: str = "auto", device: torch.device | str | None = N
             f"render.backend={backend!r} needs the nvdiffrast package, which is not installed: "
             "run `pip install diffrp-nvdiffrast` (or `pip install recon[cuda]`), or use render.backend=torch."
         )
-    return nvdr_backend.NvdiffrastRasterizer(device, cube_stride)
+    return nvdr_backend.NvdiffrastRasterizer(device, cube_stride, cube_kernel)
