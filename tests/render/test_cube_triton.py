@@ -81,7 +81,8 @@ def compare_with_reference(n, res, n_levels, device, runs=True):
     got_grads = torch.autograd.grad(got, got_in, upstream.float())
 
     def rel(a, b):
-        return float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12))
+        a, b = a.detach().double(), b.detach()
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
     errors = {"value": rel(got, ref), "tex": max(rel(a, b) for a, b in zip(got_grads[:k], ref_grads[:k])),
               "dirs": rel(got_grads[k][off_texel_centres(dirs, levels)], ref_grads[k][off_texel_centres(dirs, levels)])}
@@ -135,14 +136,21 @@ def test_rasterizer_refuses_unknown_or_conflicting_cube_settings():
         nvdr_backend.NvdiffrastRasterizer("cuda", cube_stride=4096, cube_kernel="triton")
 
 
+# Compiled, a face coordinate's division rounds within about 2 ulp (1e-7 of the face) instead of exactly, which moves a
+# lookup by res x 1e-7 texels: the bound on CUDA scales with the cube's size (nvdiffrast's own reciprocal rounds
+# towards zero, so its coordinates differ by as much).
+COORD_ROUNDING = 2e-7
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("runs", [True, False])
 def test_kernels_match_the_torch_lookup_on_cuda(runs):
+    tol = COORD_ROUNDING * 64
     try:
         for n_levels in (1, 6):
             err = compare_with_reference(200_000, 64, n_levels, "cuda", runs)
-            assert err["value"] < 1e-6 and err["tex"] < 1e-5 and err["dirs"] < 1e-5, (n_levels, err)
-            assert err.get("level", 0.0) < 1e-5, (n_levels, err)
+            assert err["value"] < tol and err["tex"] < tol and err["dirs"] < tol, (n_levels, err)
+            assert err.get("level", 0.0) < tol, (n_levels, err)
     finally:
         from recon.render import cube_triton
 
@@ -168,16 +176,18 @@ def test_kernels_match_nvdiffrast():
             grads = torch.autograd.grad(out, ins + ([lvl] if lvl is not None else []), upstream.float())
             results.append((out, grads))
         (out_n, g_n), (out_t, g_t) = results
-        torch.testing.assert_close(out_t, out_n, rtol=0, atol=2e-6)
+        tol = COORD_ROUNDING * res
+        torch.testing.assert_close(out_t, out_n, rtol=0, atol=tol)
         keep = off_texel_centres(dirs, levels)
         assert keep.float().mean() > 0.99
         scale = g_n[n_levels].abs().max()
-        torch.testing.assert_close(g_t[n_levels][keep] / scale, g_n[n_levels][keep] / scale, rtol=0, atol=1e-5)
+        torch.testing.assert_close(g_t[n_levels][keep] / scale, g_n[n_levels][keep] / scale, rtol=0, atol=tol)
         if level is not None:
-            torch.testing.assert_close(g_t[-1], g_n[-1], rtol=1e-4, atol=1e-5)
+            scale = g_n[-1].abs().max()
+            torch.testing.assert_close(g_t[-1] / scale, g_n[-1] / scale, rtol=0, atol=tol)
         for k in range(n_levels):
             r = levels[k].shape[1]
             keep = torch.ones(6, r, r, dtype=torch.bool, device="cuda")
             keep[:, [0, 0, -1, -1], [0, -1, 0, -1]] = False
             scale = g_n[k].abs().max()
-            torch.testing.assert_close(g_t[k][keep] / scale, g_n[k][keep] / scale, rtol=0, atol=1e-5)
+            torch.testing.assert_close(g_t[k][keep] / scale, g_n[k][keep] / scale, rtol=0, atol=tol)
