@@ -159,9 +159,10 @@ def test_kernels_match_the_torch_lookup_on_cuda(runs):
 
 @pytest.mark.gpu
 def test_kernels_match_nvdiffrast():
-    """Against nvdiffrast's cube-mode texture: the same values and gradients to the directions and the level; the same
-    texel gradients except at the 4 corner texels of each face, where nvdiffrast's own sum depends on which lookups
-    share a warp (there the reference comparison above holds the kernels to the exact gradient)."""
+    """Against nvdiffrast's cube-mode texture: the same values and gradients to the directions and the level. Texel
+    gradients: the kernels' equal the exact ones (float64 `reference_lookup`) everywhere, and nvdiffrast's nearly
+    everywhere: its warp-coalesced atomic adds run in divergent branches where a footprint meets a cube corner, and
+    its sums at texels near the corners depend on which lookups share a warp (`bench/cube_lookup.py`)."""
     from recon.render.nvdiffrast import NvdiffrastRasterizer
 
     ndr = NvdiffrastRasterizer("cuda")
@@ -176,6 +177,8 @@ def test_kernels_match_nvdiffrast():
             grads = torch.autograd.grad(out, ins + ([lvl] if lvl is not None else []), upstream.float())
             results.append((out, grads))
         (out_n, g_n), (out_t, g_t) = results
+        exact_in = [lv.clone().requires_grad_(True) for lv in levels]
+        exact = torch.autograd.grad(reference_lookup(exact_in, dirs, level), exact_in, upstream)
         tol = COORD_ROUNDING * res
         torch.testing.assert_close(out_t, out_n, rtol=0, atol=tol)
         keep = off_texel_centres(dirs, levels)
@@ -186,8 +189,7 @@ def test_kernels_match_nvdiffrast():
             scale = g_n[-1].abs().max()
             torch.testing.assert_close(g_t[-1] / scale, g_n[-1] / scale, rtol=0, atol=tol)
         for k in range(n_levels):
-            r = levels[k].shape[1]
-            keep = torch.ones(6, r, r, dtype=torch.bool, device="cuda")
-            keep[:, [0, 0, -1, -1], [0, -1, 0, -1]] = False
-            scale = g_n[k].abs().max()
-            torch.testing.assert_close(g_t[k][keep] / scale, g_n[k][keep] / scale, rtol=0, atol=tol)
+            scale = exact[k].abs().max()
+            torch.testing.assert_close(g_t[k].double() / scale, exact[k] / scale, rtol=0, atol=tol)
+            agree = ((g_t[k] - g_n[k]).abs() / scale <= tol).float().mean()
+            assert agree > 0.99, (k, float(agree))
