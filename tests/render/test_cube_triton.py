@@ -190,6 +190,10 @@ def test_kernels_match_nvdiffrast():
             torch.testing.assert_close(g_t[-1] / scale, g_n[-1] / scale, rtol=0, atol=tol)
         for k in range(n_levels):
             scale = exact[k].abs().max()
-            torch.testing.assert_close(g_t[k].double() / scale, exact[k] / scale, rtol=0, atol=tol)
-            agree = ((g_t[k] - g_n[k]).abs() / scale <= tol).float().mean()
+            tex_tol = max(tol, 1e-5)  # float32 sums of a few hundred lookups per texel of a 16² cube: 3.9e-6 seen
+            torch.testing.assert_close(g_t[k].double() / scale, exact[k] / scale, rtol=0, atol=tex_tol)
+            r = levels[k].shape[1]
+            off_corners = torch.ones(6, r, r, dtype=torch.bool, device="cuda")
+            off_corners[:, [0, 0, -1, -1], [0, -1, 0, -1]] = False  # nvdiffrast 20-25 % off there
+            agree = ((g_t[k] - g_n[k]).abs() / scale <= tex_tol)[off_corners].float().mean()
             assert agree > 0.99, (k, float(agree))
