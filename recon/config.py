@@ -112,7 +112,7 @@ class RenderConfig:
     graph_shading: bool = True            # pass 2's shading after the rasterization as one CUDA graph (with cuda_graphs)
     graph_margin: float = 0.15            # pass 2's graphed shading: rows above the most covered pixels seen (recon/render/graphed.py)
     cube_stride: int = 0                  # CUDA: light cube-map lookups with neighbouring threads this many pixels apart (0: in order)
-    cube_kernel: str = "nvdiffrast"       # CUDA: the light's cube-map lookups: nvdiffrast | triton (recon/render/cube_triton.py)
+    cube_kernel: str = "triton"           # CUDA: the light's cube-map lookups: triton (recon/render/cube_triton.py) | nvdiffrast
 
 
 @dataclass

@@ -115,7 +115,7 @@ class ReconSystem(L.LightningModule):
         if self._rasterizer is None:
             self._rasterizer = make_rasterizer(self.render_cfg.get("backend", "auto"), self.device,
                                                int(self.render_cfg.get("cube_stride", 0)),
-                                               str(self.render_cfg.get("cube_kernel", "nvdiffrast")))
+                                               str(self.render_cfg.get("cube_kernel", "triton")))
         return self._rasterizer
 
     @property

@@ -138,8 +138,9 @@ class NvdiffrastRasterizer(Rasterizer):
         if cube_kernel not in self.CUBE_KERNELS:
             raise ValueError(f"render.cube_kernel={cube_kernel!r}: use one of {', '.join(self.CUBE_KERNELS)}.")
         if cube_kernel == "triton" and cube_stride:
-            raise ValueError(f"render.cube_stride={cube_stride} reorders nvdiffrast's cube-map lookups; "
-                             "render.cube_kernel=triton sums runs of neighbouring lookups instead: set cube_stride=0.")
+            raise ValueError(f"render.cube_stride={cube_stride} reorders nvdiffrast's cube-map lookups, and "
+                             "render.cube_kernel=triton sums runs of neighbouring lookups instead: set cube_stride=0, "
+                             "or render.cube_kernel=nvdiffrast to keep the stride.")
         if cube_kernel == "triton" and importlib.util.find_spec("triton") is None:
             raise ImportError("render.cube_kernel=triton needs the triton package (installed with torch on Linux "
                               "CUDA builds); use render.cube_kernel=nvdiffrast.")

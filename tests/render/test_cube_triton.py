@@ -197,3 +197,10 @@ def test_kernels_match_nvdiffrast():
             off_corners[:, [0, 0, -1, -1], [0, -1, 0, -1]] = False  # nvdiffrast 20-25 % off there
             agree = ((g_t[k] - g_n[k]).abs() / scale <= tex_tol)[off_corners].float().mean()
             assert agree > 0.99, (k, float(agree))
+
+
+def test_triton_is_the_configured_cube_kernel():
+    from recon.fit import compose_config
+
+    cfg = compose_config(["experiment=nerf800"])
+    assert cfg.model.render.cube_kernel == "triton" and cfg.model.render.cube_stride == 0
