@@ -15,8 +15,9 @@ order's gradient to the cube texels against the exact one (from forward passes, 
 corner texels of each face, where a bilinear footprint wraps onto three faces, and elsewhere (which must agree).
 
 CUDA: nvdiffrast's cube-mode texture (recon's CUDA path), and with ``--kernels nvdiffrast triton`` also recon's
-Triton lookup (`recon/render/cube_triton.py`, ``model.render.cube_kernel=triton``); ``--orders scanline`` times the
-pixels' order alone. ``--device cpu`` runs recon's PyTorch lookup, a check of this script rather than a measurement.
+Triton lookup (`recon/render/cube_triton.py`, ``model.render.cube_kernel=triton``; ``triton:N`` adds the
+diffuse cube's gradients into N copies, `cube_triton.MAX_COPIES`); ``--orders scanline`` times the pixels' order alone.
+``--device cpu`` runs recon's PyTorch lookup, a check of this script rather than a measurement.
 """
 from __future__ import annotations
 
@@ -136,8 +137,8 @@ def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int 
 
     if device.type != "cuda":
         kernels = ("torch",)
-    rasterizers = {k: make_rasterizer("torch", device) if k == "torch" else make_rasterizer("nvdiffrast", device, cube_kernel=k)
-                   for k in kernels}
+    rasterizers = {k: make_rasterizer("torch", device) if k == "torch"
+                   else make_rasterizer("nvdiffrast", device, cube_kernel=k.split(":")[0]) for k in kernels}
     g = torch.Generator(device=device).manual_seed(0)
     normals, reflected = sphere_directions(pixels, views, device)
     n = normals.shape[0]
@@ -158,6 +159,10 @@ def run(pixels: int, views: int, reps: int, device: torch.device, base_res: int 
         inputs = [*levels, dirs] + ([lvl] if lvl is not None else [])
         for kernel, order in [(k, o) for k in kernels for o in orders]:
             rasterizer = rasterizers[kernel]
+            if kernel.startswith("triton"):  # triton:N adds the diffuse cube's gradients into at most N copies
+                from recon.render import cube_triton
+
+                cube_triton.MAX_COPIES = int(kernel.split(":")[1]) if ":" in kernel else 1
             perm = ordering(order, n, device, stride)
             perm = None if perm is None else (perm, torch.argsort(perm))  # the inverse once, outside the timings
 
@@ -208,11 +213,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base-res", type=int, default=512)
     ap.add_argument("--stride", type=int, default=4096)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--kernels", nargs="+", default=["nvdiffrast"], choices=["nvdiffrast", "triton"],
-                    help="CUDA: the cube-map kernels to time (model.render.cube_kernel)")
+    ap.add_argument("--kernels", nargs="+", default=["nvdiffrast"],
+                    help="CUDA: the cube-map kernels to time (model.render.cube_kernel): nvdiffrast, triton, or "
+                         "triton:N with the small chains' gradients added into at most N copies (cube_triton.MAX_COPIES)")
     ap.add_argument("--orders", nargs="+", default=list(ORDERS), choices=list(ORDERS))
     ap.add_argument("--out", type=Path, default=None, help="also write the rows here as JSON")
     args = ap.parse_args(argv)
+    for k in args.kernels:
+        if k != "nvdiffrast" and not (k == "triton" or (k.startswith("triton:") and k[7:].isdigit() and int(k[7:]) > 0)):
+            ap.error(f"--kernels: {k!r} is not nvdiffrast, triton or triton:N (N >= 1)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU machine, or --device cpu to check the script")

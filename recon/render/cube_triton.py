@@ -15,7 +15,8 @@ Two things differ from nvdiffrast's kernels, both in the backward pass:
     atomics, and its sum there depends on which lookups share a warp (20-25 % off in `bench/cube_lookup.py`);
   * each block of lookups sums runs of consecutive lookups that hit the same texel before its atomic add
     (`recon.materials.hash_grid_triton._runs_add`): covered pixels come in scanline order, neighbouring pixels
-    mostly read the same texels of the small cubes, and same-address atomic adds wait for one another.
+    mostly read the same texels of the small cubes, and same-address atomic adds wait for one another. A small
+    chain (the diffuse cube) can also be copied: blocks add into up to MAX_COPIES copies, summed after the kernel.
 So texel gradients agree with nvdiffrast's up to the order of additions, away from the cube corners.
 
 Needs `triton`; `recon.render.nvdiffrast.NvdiffrastRasterizer` uses it for ``cube_texture`` when
@@ -252,11 +253,13 @@ def _st_grad(a00, a10, a01, a11, fu, fv, dy, res):
 
 @triton.jit(do_not_specialize=["n"])
 def _cube_backward_kernel(dir_ptr, bias_ptr, tex_ptr, grad_out_ptr, grad_tex_ptr, grad_dir_ptr, grad_bias_ptr,
-                          wrap1_ptr, wrap2_ptr, n,
+                          wrap1_ptr, wrap2_ptr, n, chain_size,
                           R0: tl.constexpr, MAX_LEVEL: tl.constexpr, HAS_LEVEL: tl.constexpr, C: tl.constexpr,
                           C_PAD: tl.constexpr, BLOCK: tl.constexpr, TEX_GRAD: tl.constexpr, DIR_GRAD: tl.constexpr,
-                          LEVEL_GRAD: tl.constexpr, RUNS: tl.constexpr):
+                          LEVEL_GRAD: tl.constexpr, RUNS: tl.constexpr, COPIES: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if COPIES > 1:  # this block adds into its own copy of the texel gradients (summed after the kernel)
+        grad_tex_ptr += (tl.program_id(0) % COPIES).to(tl.int64) * chain_size
     valid = rows < n
     feat = tl.arange(0, C_PAD)
     ch = (feat < C)[None, :]
@@ -311,6 +314,18 @@ def _wrap_tables(device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 RUNS = True  # sum runs of equal texels before the atomic add (False: one atomic add per tap; for comparisons)
+# A small chain (the 16² diffuse cube: 4608 values) takes every lookup's atomic adds into a few thousand addresses,
+# where they wait for one another. With MAX_COPIES > 1 the blocks add into up to that many copies of their own (at
+# most COPY_ELEMENTS values in all), summed once after the kernel. 1 (one copy) until a GPU measurement says more
+# is faster: `python bench/cube_lookup.py --kernels triton triton:64 --orders scanline`.
+MAX_COPIES = 1
+COPY_ELEMENTS = 1 << 20
+
+
+def gradient_copies(chain_size: int, max_copies: int | None = None) -> int:
+    """How many copies of a chain of ``chain_size`` values the backward adds its texel gradients into."""
+    limit = MAX_COPIES if max_copies is None else max_copies
+    return int(max(1, min(limit, COPY_ELEMENTS // max(chain_size, 1))))
 
 
 class _CubeLookup(torch.autograd.Function):
@@ -338,15 +353,18 @@ class _CubeLookup(torch.autograd.Function):
         want_dir, want_level = ctx.needs_input_grad[0], ctx.has_level and ctx.needs_input_grad[1]
         want_tex = any(ctx.needs_input_grad[2:])
         n = dirs.shape[0]
-        grad_tex = torch.zeros_like(chain) if want_tex else None
+        copies = gradient_copies(chain.numel()) if want_tex else 1
+        grad_tex = torch.zeros(copies, chain.numel(), device=chain.device, dtype=chain.dtype) if want_tex else None
         grad_dir = torch.empty_like(dirs) if want_dir else None
         grad_level = torch.zeros_like(level) if want_level else None
         if n and (want_tex or want_dir or want_level):
             _cube_backward_kernel[(triton.cdiv(n, BLOCK),)](
                 dirs, level, chain, grad_out.contiguous(), grad_tex if want_tex else chain,
                 grad_dir if want_dir else dirs, grad_level if want_level else dirs, *_wrap_tables(dirs.device), n,
-                **ctx.meta, TEX_GRAD=want_tex, DIR_GRAD=want_dir, LEVEL_GRAD=want_level, RUNS=RUNS,
-                num_warps=NUM_WARPS)
+                chain.numel(), **ctx.meta, TEX_GRAD=want_tex, DIR_GRAD=want_dir, LEVEL_GRAD=want_level, RUNS=RUNS,
+                COPIES=copies, num_warps=NUM_WARPS)
+        if want_tex:
+            grad_tex = grad_tex[0] if copies == 1 else grad_tex.sum(0)
         grads_tex = [None] * len(ctx.sizes)
         if want_tex:
             grads_tex = [g.view(shape) for g, shape in zip(grad_tex.split(ctx.sizes), ctx.shapes)]

@@ -61,13 +61,13 @@ def off_texel_centres(dirs, levels, margin=1e-4):
     return keep
 
 
-def compare_with_reference(n, res, n_levels, device, runs=True):
+def compare_with_reference(n, res, n_levels, device, runs=True, copies=64):
     """Largest errors of `cube_lookup` (float32) against `reference_lookup` (float64), relative to the largest
     reference value: ``{"value", "tex", "dirs", "level"}`` (the directions' gradient off the texel centres,
     `off_texel_centres`)."""
     from recon.render import cube_triton
 
-    cube_triton.RUNS = runs
+    cube_triton.RUNS, cube_triton.MAX_COPIES = runs, copies
     levels, dirs, level, upstream = lookup_inputs(n, res, n_levels, device)
     ref_in = [lv.clone().requires_grad_(True) for lv in levels] + [dirs.clone().requires_grad_(True)]
     got_in = [lv.float().requires_grad_(True) for lv in levels] + [dirs.float().requires_grad_(True)]
@@ -93,7 +93,8 @@ def compare_with_reference(n, res, n_levels, device, runs=True):
 
 CHECK = """
 import json
-out = {f"{levels}-{runs}": compare_with_reference(1500, 8, levels, "cpu", runs) for levels in (1, 3) for runs in (True, False)}
+out = {f"{levels}-{runs}-{copies}": compare_with_reference(1500, 8, levels, "cpu", runs, copies)
+       for levels in (1, 3) for runs, copies in ((True, 64), (False, 64), (True, 1))}
 print("errors", json.dumps(out))
 """
 
@@ -105,11 +106,21 @@ def test_kernels_match_the_torch_lookup_in_triton_interpreter(in_triton_interpre
     out = in_triton_interpreter("import torch\n" + "".join(inspect.getsource(f) for f in (
         reference_lookup, lookup_inputs, off_texel_centres, compare_with_reference)) + CHECK)
     errors = json.loads(out.split("errors", 1)[1])
-    assert set(errors) == {"1-True", "1-False", "3-True", "3-False"}
+    assert set(errors) == {f"{levels}-{variant}" for levels in (1, 3) for variant in ("True-64", "False-64", "True-1")}
     for case, err in errors.items():
         assert err["value"] < 1e-6, (case, err)
         assert err["tex"] < 1e-5 and err["dirs"] < 1e-5, (case, err)
         assert err.get("level", 0.0) < 1e-5, (case, err)
+
+
+@needs_triton
+def test_gradient_copies_only_for_small_chains():
+    from recon.render.cube_triton import gradient_copies
+
+    assert gradient_copies(6 * 16 * 16 * 3, 64) == 64  # the diffuse cube
+    assert gradient_copies(6 * 3 * sum((512 >> k) ** 2 for k in range(6)), 64) == 1  # the specular chain
+    assert gradient_copies(6 * 128 * 128 * 3, 64) == 3
+    assert gradient_copies(6 * 16 * 16 * 3, 1) == 1
 
 
 @needs_triton
@@ -143,18 +154,18 @@ COORD_ROUNDING = 2e-7
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("runs", [True, False])
-def test_kernels_match_the_torch_lookup_on_cuda(runs):
+@pytest.mark.parametrize("runs, copies", [(True, 64), (False, 64), (True, 1)])
+def test_kernels_match_the_torch_lookup_on_cuda(runs, copies):
     tol = COORD_ROUNDING * 64
     try:
         for n_levels in (1, 6):
-            err = compare_with_reference(200_000, 64, n_levels, "cuda", runs)
+            err = compare_with_reference(200_000, 64, n_levels, "cuda", runs, copies)
             assert err["value"] < tol and err["tex"] < tol and err["dirs"] < tol, (n_levels, err)
             assert err.get("level", 0.0) < tol, (n_levels, err)
     finally:
         from recon.render import cube_triton
 
-        cube_triton.RUNS = True
+        cube_triton.RUNS, cube_triton.MAX_COPIES = True, 1
 
 
 @pytest.mark.gpu
