@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from recon.render.rasterizer import DiffAttrs, Rasterizer
+from recon.render.rasterizer import CUBE_KERNELS, DiffAttrs, Rasterizer
 from recon.render.torch_raster import _FacesCache
 
 _lock = threading.Lock()
@@ -129,14 +129,13 @@ class NvdiffrastRasterizer(Rasterizer):
     """
 
     name = "nvdiffrast"
-    CUBE_KERNELS = ("nvdiffrast", "triton")
 
     def __init__(self, device: torch.device | str | None = None, cube_stride: int = 0,
                  cube_kernel: str = "nvdiffrast") -> None:
         if cube_stride < 0:
             raise ValueError(f"render.cube_stride must be 0 (directions' order) or positive, got {cube_stride}")
-        if cube_kernel not in self.CUBE_KERNELS:
-            raise ValueError(f"render.cube_kernel={cube_kernel!r}: use one of {', '.join(self.CUBE_KERNELS)}.")
+        if cube_kernel not in CUBE_KERNELS:
+            raise ValueError(f"render.cube_kernel={cube_kernel!r}: use one of {', '.join(CUBE_KERNELS)}.")
         if cube_kernel == "triton" and cube_stride:
             raise ValueError(f"render.cube_stride={cube_stride} reorders nvdiffrast's cube-map lookups, and "
                              "render.cube_kernel=triton sums runs of neighbouring lookups instead: set cube_stride=0, "
@@ -218,12 +217,12 @@ class NvdiffrastRasterizer(Rasterizer):
     def cube_texture(self, levels: list[Tensor], dirs: Tensor, level: Tensor | None = None) -> Tensor:
         """See `Rasterizer.cube_texture`: nvdiffrast's cube-mode texture, one kernel for the whole chain, filtering
         across face edges; gradients also reach ``dirs`` (as in nvdiffrec)."""
-        import nvdiffrast.torch as dr
-
         if self.cube_kernel == "triton":
             from recon.render.cube_triton import cube_lookup
 
             return cube_lookup(levels, dirs, level)
+        import nvdiffrast.torch as dr
+
         _load_plugin()
         shape = dirs.shape[:-1]
         dirs = dirs.reshape(-1, 3)

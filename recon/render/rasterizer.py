@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "torch", "nvdiffrast")
+CUBE_KERNELS = ("triton", "nvdiffrast")  # render.cube_kernel: the CUDA backend's cube-map lookups
 FILTER_MODES = ("auto", "nearest", "linear", "linear-mipmap-nearest", "linear-mipmap-linear")
 BOUNDARY_MODES = ("wrap", "clamp", "zero")
 
@@ -128,6 +129,8 @@ def make_rasterizer(backend: str = "auto", device: torch.device | str | None = N
     """
     if backend not in BACKENDS:
         raise ValueError(f"render.backend={backend!r} is not a rasterizer; valid names: {', '.join(BACKENDS)}.")
+    if cube_kernel not in CUBE_KERNELS:
+        raise ValueError(f"render.cube_kernel={cube_kernel!r}: use one of {', '.join(CUBE_KERNELS)}.")
     from recon.render.torch_raster import TorchRasterizer
 
     if backend == "torch":

@@ -139,10 +139,13 @@ def test_cube_lookup_names_bad_inputs():
 
 
 def test_rasterizer_refuses_unknown_or_conflicting_cube_settings():
+    from recon.render import make_rasterizer
     from recon.render import nvdiffrast as nvdr_backend
 
-    with pytest.raises(ValueError, match="cube_kernel='cuda'.*nvdiffrast, triton"):
+    with pytest.raises(ValueError, match="cube_kernel='cuda'.*triton, nvdiffrast"):
         nvdr_backend.NvdiffrastRasterizer("cuda", cube_kernel="cuda")
+    with pytest.raises(ValueError, match="cube_kernel='trition'.*triton, nvdiffrast"):
+        make_rasterizer("torch", "cpu", cube_kernel="trition")  # a typo is named on any backend
     with pytest.raises(ValueError, match="cube_stride=4096.*set cube_stride=0"):
         nvdr_backend.NvdiffrastRasterizer("cuda", cube_stride=4096, cube_kernel="triton")
 
