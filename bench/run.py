@@ -331,6 +331,8 @@ def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
                     "chamfer_l1": geo.get("chamfer_l1"), **fscore, "triangles": metrics.get("triangles")},
         "pass1_seconds": timing.get("pass1_seconds"), "pass2_seconds": timing.get("pass2_seconds"),
         "bake_seconds": {k: timing.get(k) for k in ("cull_seconds", "simplify_seconds", "unwrap_seconds", "bake_seconds")},
+        "unwrap": {k: timing.get(f"unwrap_{k}") for k in ("charts", "atlas_used", "xatlas_seconds")}
+                  | {"tangents_seconds": timing.get("tangents_seconds")},
         "steady_iterations_per_second": {p: timing.get(f"{p}_iterations_per_second") for p in ("pass1", "pass2")},
         "first_steps": {k: timing.get(k) for k in ("pass1_first_steps", "pass1_first_steps_seconds", "pass2_first_steps",
                                                    "pass2_first_steps_seconds")},

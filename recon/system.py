@@ -337,8 +337,11 @@ class ReconSystem(L.LightningModule):
         mesh = simplify(mesh, int(self.bake_cfg.get("max_faces", 100_000)))
         t2 = time.perf_counter()
         res = int(self.bake_cfg.get("texture_res", 2048))
+        atlas: dict = {}
         mesh = unwrap(mesh, resolution=res, chunk_faces=int(self.bake_cfg.get("unwrap_chunk_faces", 1500)),
-                      chart_iterations=int(self.bake_cfg.get("unwrap_chart_iterations", 0))).with_tangents()
+                      chart_iterations=int(self.bake_cfg.get("unwrap_chart_iterations", 0)), stats=atlas)
+        t_unwrap = time.perf_counter()
+        mesh = mesh.with_tangents()
         t3 = time.perf_counter()
         tex = bake_pbr_textures(self.rasterizer, mesh, self.material.sample, res)
         if not self.perturb_normal:  # the normal channels were never trained: export the unperturbed normal
@@ -347,7 +350,9 @@ class ReconSystem(L.LightningModule):
         self.bake_stats = {
             "extracted_triangles": int(full.faces.shape[0]), "visible_triangles": visible,
             "exported_triangles": int(mesh.faces.shape[0]), "cull_seconds": t1 - t0, "simplify_seconds": t2 - t1,
-            "unwrap_seconds": t3 - t2, "bake_seconds": time.perf_counter() - t3,
+            "unwrap_seconds": t_unwrap - t2, "tangents_seconds": t3 - t_unwrap, "bake_seconds": time.perf_counter() - t3,
+            "unwrap_charts": atlas["charts"], "unwrap_atlas_used": atlas["atlas_used"],
+            "unwrap_xatlas_seconds": atlas["generate_seconds"],
         }
         return mesh, tex
 

@@ -52,6 +52,15 @@ def test_unwrap_gives_a_valid_atlas(bumpy, chunk_faces, iterations):
     assert (per_octant.max() / per_octant.min()).item() < 1.3
 
 
+def test_unwrap_reports_its_atlas(bumpy):
+    stats = {}
+    mesh = unwrap(bumpy, resolution=512, chunk_faces=800, stats=stats)
+    assert set(stats) == {"charts", "atlas_used", "generate_seconds"}
+    assert 1 <= stats["charts"] <= bumpy.faces.shape[0] and stats["generate_seconds"] > 0
+    # xatlas's utilization counts the texels its charts cover: about the summed UV areas
+    assert stats["atlas_used"] == pytest.approx(_uv_area(mesh.uv, mesh.uv_faces).sum().item(), rel=0.15)
+
+
 def test_pieces_keep_most_of_the_atlas_space(bumpy):
     whole = unwrap(bumpy, resolution=512, chunk_faces=0)
     pieces = unwrap(bumpy, resolution=512, chunk_faces=800)
