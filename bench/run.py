@@ -404,6 +404,11 @@ def result_markdown(r: dict) -> str:
               f"{_fmt(r.get('pass2_seconds'), '.1f')} s; at the boundary: "
               + ", ".join(f"{k.replace('_seconds', '')} {_fmt(v, '.1f')} s" for k, v in (r.get("bake_seconds") or {}).items())
               + "." if r.get("pass1_seconds") is not None else "")
+    unwrap = r.get("unwrap") or {}
+    if unwrap.get("xatlas_seconds") is not None:
+        passes += (f" In the unwrap xatlas took {_fmt(unwrap['xatlas_seconds'], '.2f')} s for {unwrap.get('charts')} charts "
+                   f"covering {_fmt(unwrap.get('atlas_used'), '.2f')} of the atlas; the tangent frames after it "
+                   f"{_fmt(unwrap.get('tangents_seconds'), '.2f')} s.")
     steady, first = r.get("steady_iterations_per_second") or {}, r.get("first_steps") or {}
     if steady.get("pass1") is not None:
         passes += (f" Steady state {_fmt(1e3 / steady['pass1'], '.1f')} ms per pass-1 step"

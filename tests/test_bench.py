@@ -114,6 +114,11 @@ def test_writers_json_markdown_and_summary(tmp_path):
             "at 2.0 s, data ready (scene, frames) at 2.5 s") in md
     assert "validation left out: 0-500 20.0, 500-1000 12.2 (the first segment" in md and "2 validation runs took 0.8 s." in md
     assert "train.py ran with /tmp/env/bin/python, without PYTHONPATH." in md
+    assert "In the unwrap" not in md  # results from before the unwrap's details
+    r["unwrap"] = {"charts": 3300, "atlas_used": 0.62, "xatlas_seconds": 1.875, "tangents_seconds": 0.125}
+    md = bench.write_result(r, tmp_path)[1].read_text()
+    assert ("In the unwrap xatlas took 1.88 s for 3300 charts covering 0.62 of the atlas; the tangent frames after "
+            "it 0.12 s.") in md
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
     summary = bench.write_summary(tmp_path).read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| preset")]
