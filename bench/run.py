@@ -208,10 +208,13 @@ def build_for_profile(cfg, device: torch.device):
 
 
 def _batches(datamodule, device: torch.device):
-    """Endless training batches on ``device`` (the datamodule's own loader and device-side gather)."""
+    """Endless training batches on ``device`` (the datamodule's own loader and device-side gather). The indices move
+    with ``non_blocking=True`` as Lightning moves them to a CUDA device: a blocking copy would wait for the GPU every
+    step, a wait the training loop does not have."""
     while True:
         for batch in datamodule.train_dataloader():
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=device.type == "cuda") if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
             yield datamodule.on_after_batch_transfer(batch, 0)
 
 
