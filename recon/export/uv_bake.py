@@ -1,6 +1,7 @@
 """UV unwrapping with xatlas and baking of 3D material fields into 2D textures."""
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -64,8 +65,6 @@ def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: in
     stats: a dict that receives ``charts`` (xatlas's chart count), ``atlas_used`` (the share of the atlas the charts
     cover, xatlas's utilization) and ``generate_seconds`` (xatlas's charting and packing alone).
     """
-    import time
-
     import xatlas
 
     if mesh.faces.shape[0] == 0:

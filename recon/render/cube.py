@@ -90,6 +90,17 @@ _WRAP_FLIPS = (
     0x02, 0x03, 0x09, 0x00, 0x0A, 0x00, 0x00, 0x02, 0x64, 0x30, 0x90, 0x55, 0xA0, 0x99, 0xCC, 0x64,
     0x24, 0x30, 0x10, 0x05, 0x00, 0x01, 0x00, 0x00, 0x06, 0x03, 0x01, 0x05, 0x00, 0x89, 0xCC, 0x44,
 )
+_wrap_tables: dict = {}
+
+
+def wrap_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """`_WRAP_TAPS` and `_WRAP_FLIPS` as int64 tensors on ``device``, made once per device."""
+    device = torch.device(device)
+    key = (device.type, device.index)
+    if key not in _wrap_tables:
+        _wrap_tables[key] = (torch.tensor(_WRAP_TAPS, dtype=torch.int64, device=device),
+                             torch.tensor(_WRAP_FLIPS, dtype=torch.int64, device=device))
+    return _wrap_tables[key]
 
 
 def cube_taps_wrapped(res: int, face: Tensor, uv: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,8 +123,7 @@ def cube_taps_wrapped(res: int, face: Tensor, uv: Tensor) -> tuple[Tensor, Tenso
     # nvdiffrast's wrapCubeMap, for every footprint (used where it crosses an edge)
     case = torch.where(iu0 < 0, 0, torch.where(iu1 >= res, 2, 1)) + torch.where(iv0 < 0, 0, torch.where(iv1 >= res, 6, 3))
     case = face * 8 + torch.where(case >= 5, case - 1, case)
-    taps = torch.tensor(_WRAP_TAPS, dtype=torch.int64, device=uv.device)[case]
-    flips = torch.tensor(_WRAP_FLIPS, dtype=torch.int64, device=uv.device)[case]
+    taps, flips = (table[case] for table in wrap_tables(uv.device))
     zero = torch.zeros_like(iu0)
     col_src = ((iu0, iv0), (iu1, iv0), (iu0, iv1), (iu1, iv1))  # (footprint column, row) each tap may copy
     wrapped = []

@@ -5,7 +5,7 @@ trilinear in a mip chain at a per-lookup level), forward and backward.
 filter_mode='linear-mipmap-linear', boundary_mode='cube')`` computes (``filter_mode='linear'`` without a level), with
 the same conventions: a direction picks its face and face coordinates as nvdiffrast's ``indexCubeMap`` does; a
 bilinear footprint that crosses a face edge takes its outer taps from the neighbouring face (nvdiffrast's
-``wrapCubeMap`` tables, `recon.render.cube._WRAP_TAPS`); at a cube corner, where three texels meet, the missing tap
+``wrapCubeMap`` tables, `recon.render.cube.wrap_tables`); at a cube corner, where three texels meet, the missing tap
 is the mean of the other three; the level is clamped to the chain and blends two levels. Gradients reach every
 level's texels, the directions (nvdiffrast's ``indexCubeMapGrad``: the face coordinates' derivative, the clamp to the
 face ignored) and the level.
@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from recon.materials.hash_grid_triton import _runs_add
-from recon.render.cube import _WRAP_FLIPS, _WRAP_TAPS
+from recon.render.cube import wrap_tables
 
 BLOCK = 128
 NUM_WARPS = 4
@@ -302,17 +302,6 @@ def _cube_backward_kernel(dir_ptr, bias_ptr, tex_ptr, grad_out_ptr, grad_tex_ptr
         tl.store(grad_dir_ptr + rows * 3 + 2, gz, mask=valid)
 
 
-_tables: dict = {}
-
-
-def _wrap_tables(device: torch.device) -> tuple[Tensor, Tensor]:
-    key = (device.type, device.index)
-    if key not in _tables:
-        _tables[key] = (torch.tensor(_WRAP_TAPS, dtype=torch.int64, device=device),
-                        torch.tensor(_WRAP_FLIPS, dtype=torch.int64, device=device))
-    return _tables[key]
-
-
 RUNS = True  # sum runs of equal texels before the atomic add (False: one atomic add per tap; for comparisons)
 # A small chain (the 16² diffuse cube: 4608 values) takes every lookup's atomic adds into a few thousand addresses,
 # where they wait for one another. With MAX_COPIES > 1 the blocks add into up to that many copies of their own (at
@@ -333,7 +322,7 @@ class _CubeLookup(torch.autograd.Function):
     def forward(ctx, dirs: Tensor, level: Tensor | None, *levels: Tensor) -> Tensor:
         n = dirs.shape[0]
         chain = levels[0].reshape(-1) if len(levels) == 1 else torch.cat([lv.reshape(-1) for lv in levels])
-        wrap1, wrap2 = _wrap_tables(dirs.device)
+        wrap1, wrap2 = wrap_tables(dirs.device)
         out = torch.empty(n, CHANNELS, device=dirs.device, dtype=torch.float32)
         meta = dict(R0=levels[0].shape[1], MAX_LEVEL=len(levels) - 1, HAS_LEVEL=level is not None, C=CHANNELS,
                     C_PAD=4, BLOCK=BLOCK)
@@ -360,7 +349,7 @@ class _CubeLookup(torch.autograd.Function):
         if n and (want_tex or want_dir or want_level):
             _cube_backward_kernel[(triton.cdiv(n, BLOCK),)](
                 dirs, level, chain, grad_out.contiguous(), grad_tex if want_tex else chain,
-                grad_dir if want_dir else dirs, grad_level if want_level else dirs, *_wrap_tables(dirs.device), n,
+                grad_dir if want_dir else dirs, grad_level if want_level else dirs, *wrap_tables(dirs.device), n,
                 chain.numel(), **ctx.meta, TEX_GRAD=want_tex, DIR_GRAD=want_dir, LEVEL_GRAD=want_level, RUNS=RUNS,
                 COPIES=copies, num_warps=NUM_WARPS)
         if want_tex:
