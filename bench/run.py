@@ -342,6 +342,7 @@ def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
         "startup_seconds": timing.get("startup_seconds"),
         "segments": timing.get("segments"), "validation": timing.get("validation"),
         "graph_shading": {k: timing.get(f"graph_shading_{k}") for k in ("rows", "covered_max", "overflows")},
+        "pass1_graph_shading": {k: timing.get(f"pass1_graph_shading_{k}") for k in ("rows", "covered_max", "overflows")},
         "stages": prof["stages"], "step_ms": prof["step_ms"], "wall_step_ms": prof.get("wall_step_ms"),
         "pass2": prof.get("pass2"), "profile_steps": prof.get("steps"),
     }

@@ -33,7 +33,7 @@ from recon.materials.pbr import NeuralPBRMaterial, TexturePBRMaterial, channel_b
 from recon.nonfinite import NonFiniteGuard, NonFiniteReport
 from recon.render import make_rasterizer
 from recon.render.background import view_noise
-from recon.render.graphed import GraphedPBR, texture_material
+from recon.render.graphed import GraphedNeuralPBR, GraphedPBR, texture_material
 from recon.render.shading import render_pbr
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class ReconSystem(L.LightningModule):
         self.render_cfg, self.loss_cfg, self.optim_cfg, self.bake_cfg = dict(render), dict(loss), dict(optim), dict(bake)
         compiled.set_mode(self.render_cfg.get("compile", "off"))
         cuda_graphs.set_enabled(bool(self.render_cfg.get("cuda_graphs", True)))
+        self.pass1_renderer = GraphedNeuralPBR(margin=float(self.render_cfg.get("graph_margin", 0.15)))
         self.pass2_renderer = GraphedPBR(margin=float(self.render_cfg.get("graph_margin", 0.15)))
         self.pass1_steps, self.pass2_steps = int(pass1_steps), int(pass2_steps)
         if self.pass1_steps <= 0 or self.pass2_steps < 0:
@@ -157,6 +158,14 @@ class ReconSystem(L.LightningModule):
             # a pass-2 training step: the shading after the rasterization through CUDA graphs where they apply
             out = self.pass2_renderer.render(self.rasterizer, mesh, mvp, cam_pos, resolution, self.textures, self.light,
                                              perturb=self.perturb_normal, fused=fused_shading, mark=mark)
+            out["mesh"] = mesh
+            return out
+        if self.surface is None and smoothness and not (material_images or depth) and self.render_cfg.get(
+                "graph_shading_pass1", True):
+            # a pass-1 training step: the material and shading through CUDA graphs where they apply
+            out = self.pass1_renderer.render(self.rasterizer, mesh, mvp, cam_pos, resolution, self.material, self.light,
+                                             perturb=self.perturb_normal, fused=fused_shading, generator=generator,
+                                             mark=mark)
             out["mesh"] = mesh
             return out
         if self.surface is None:
@@ -373,6 +382,9 @@ class ReconSystem(L.LightningModule):
             payload = self.trainer.strategy.broadcast(payload, src=0)
             mesh = Mesh(**{k: v.to(self.device) for k, v in payload["mesh"].items()}).with_tangents()
             tex, self.bake_stats = payload["texture"].to(self.device), payload["stats"]
+        if self.pass1_renderer.capacity is not None:  # pass 1 shaded through its CUDA graph
+            self.bake_stats.update(self.pass1_renderer.stats())
+        self.pass1_renderer.release()
         self.surface = FixedTopologyMesh(mesh).to(self.device)
         self.textures = TexturePBRMaterial(tex, self.bounds).to(self.device)
         self.textures.clamp_()

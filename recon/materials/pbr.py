@@ -84,23 +84,24 @@ class NeuralPBRMaterial(nn.Module):
     def bounds(self) -> Tensor:
         return self.field.min_max
 
-    def forward(self, points: Tensor, smoothness: bool = False, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(self, points: Tensor, smoothness: bool = False, generator: torch.Generator | None = None,
+                draws: tuple[Tensor | None, Tensor] | None = None) -> dict[str, Tensor]:
         """Material at world points [N,3]: ``kd``, ``ks``, ``nrm`` [N,3]; with ``smoothness`` also ``kd_grad`` [N,1],
         the mean absolute albedo change over a random offset of ``smoothness_jitter`` (nvdiffrec's kd regulariser),
-        drawn from ``generator`` (on the points' device; None: torch's global generator). With a
-        ``smoothness_fraction`` below 1, ``kd_grad`` is zero but at the sampled points, whose values are scaled so
-        that its mean estimates the full term's."""
+        drawn from ``generator`` (on the points' device; None: torch's global generator) or given as ``draws``
+        (`smoothness_draws` for N points: a function of the points and parameters alone, as a CUDA graph needs).
+        With a ``smoothness_fraction`` below 1, ``kd_grad`` is zero but at the sampled points, whose values are
+        scaled so that its mean estimates the full term's."""
         if not self.position_grad:
             points = points.detach()
         if not smoothness:
             return split_channels(self.field.sample(points))
-        n, stride = points.shape[0], self.smoothness_stride
+        n = points.shape[0]
+        start, offset = self.smoothness_draws(n, generator, points.device, points.dtype) if draws is None else draws
         sampled = None
-        if stride > 1 and n > stride:
-            start = torch.randint(stride, (1,), generator=generator, device=points.device)
-            sampled = torch.arange(n // stride, device=points.device) * stride + start  # < n: start < stride
-        anchors = points if sampled is None else points.index_select(0, sampled)
-        offset = torch.randn(anchors.shape, generator=generator, device=points.device, dtype=points.dtype)
+        if start is not None:
+            sampled = torch.arange(n // self.smoothness_stride, device=points.device) * self.smoothness_stride + start
+        anchors = points if sampled is None else points.index_select(0, sampled)  # sampled < n: start < stride
         both = self.field.sample(torch.cat([points, anchors + offset * self.smoothness_jitter]))  # one network pass
         values, values_j = both.split([n, both.shape[0] - n])
         out = split_channels(values)
@@ -110,6 +111,18 @@ class NeuralPBRMaterial(nn.Module):
             change = scatter_rows(change * (n / sampled.shape[0]), sampled, n)
         out["kd_grad"] = change
         return out
+
+    def smoothness_draws(self, n: int, generator: torch.Generator | None = None, device=None,
+                         dtype: torch.dtype = torch.float32) -> tuple[Tensor | None, Tensor]:
+        """The random draws of `forward`'s albedo-smoothness term for ``n`` points: the systematic sample's start
+        ([1] int64 below the stride; None when every point is jittered) and the unit-normal offsets [n // stride, 3]
+        (or [n, 3]) of the jittered points, drawn from ``generator`` in that order."""
+        stride = self.smoothness_stride
+        start = None
+        if stride > 1 and n > stride:
+            start = torch.randint(stride, (1,), generator=generator, device=device)
+        m = n if start is None else n // stride
+        return start, torch.randn((m, 3), generator=generator, device=device, dtype=dtype)
 
     def sample(self, points: Tensor) -> Tensor:
         """All nine channels at world points [N,3] -> [N,9] (for baking)."""

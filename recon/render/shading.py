@@ -260,50 +260,96 @@ def shade_gbuffers(
     (padding rows: a covered pixel again, `covered_rows`) and ``gb["covered_valid"]`` [N,1] marks the covered ones; ``gb["covered_count"]``
     is ``mask.sum()``, more than the capacity when pixels were left out.
     """
+    rows = covered_rows(gb["mask"], capacity)  # covered pixels, gathered with index_select (recon.gather)
+    gb["covered_index"] = rows[0]
+    if rows[2] is not None:
+        gb["covered_valid"], gb["covered_count"] = rows[2], gb["mask"].sum()
+    inputs = row_inputs(mesh, gb, rows, perturb)
+    gb["covered_pos"] = inputs["pos"]  # the covered rows of gb_pos, for a material evaluated there
+    if mark is not None:
+        mark()
+    shaded = shade_rows(rasterizer, gb, rows, inputs, cam_pos, material, light, perturb=perturb, mark=mark,
+                        fused=fused, material_images=material_images)
+    # one image per quantity: slices of a joint image would each take a full-image zero fill and copy in backward
+    gb["rgb"], gb["alpha"] = with_coverage(rasterizer, shaded.pop("color"), gb, mesh.faces, antialias)
+    gb.update(shaded)
+    if depth:
+        gb["depth"], _ = rasterizer.interpolate(gb["pos_clip"][..., 3:4].contiguous(), gb["rast"], mesh.faces)
+    if mark is not None:
+        mark()
+    return gb
+
+
+def row_inputs(mesh: Mesh, gb: dict, rows: tuple[Tensor, Tensor, Tensor | None], perturb: bool = True) -> dict:
+    """The shading inputs of the rows `covered_rows` gave (``rows``) from the G-buffers ``gb`` of ``mesh``: ``pos``
+    and the interpolated normal ``smooth`` [N,3], the geometric normal ``n_geom`` [N,3] of each row's triangle, and
+    with a UV tangent frame (``perturb``) ``tangent`` [N,3] and ``hand`` (+-1 [N,1], or 1.0); else None and 1.0.
+    Everything that depends on the mesh's size is gathered here, so that `shade_rows` sees fixed shapes."""
     from recon.geometry.mesh import unit_face_normals
 
-    framed = mesh.tangents is not None and perturb
-    extra = shading_attributes(mesh, perturb)
+    sel, _, valid = rows
     mask, rast = gb["mask"], gb["rast"]
-    n_pix = mask.shape
-    sel, place, valid = covered_rows(mask, capacity)  # covered pixels, gathered with index_select (recon.gather)
-    gb["covered_index"] = sel
+    extra = shading_attributes(mesh, perturb)
+    attrs = masked_rows(gb["gb_attrs"], sel, mask.dim()).split([3] + [a.shape[-1] for a in extra], -1)
+    tri = masked_rows(rast[..., 3], sel, mask.dim()).long() - 1
     if valid is not None:
-        gb["covered_valid"], gb["covered_count"] = valid, mask.sum()
+        tri = tri.clamp_min(0)  # without covered pixels, padding rows gather an uncovered one (triangle id 0)
+    unit_faces = mesh.face_normals if mesh.face_normals is not None else unit_face_normals(mesh.verts, mesh.faces)
+    out = {"pos": attrs[0], "smooth": attrs[1], "n_geom": take_rows(unit_faces, tri), "tangent": None, "hand": 1.0}
+    if mesh.tangents is not None and perturb:
+        out["tangent"] = attrs[2]
+        if mesh.handedness is not None:
+            out["hand"] = torch.where(attrs[3] < 0, -1.0, 1.0)
+    return out
+
+
+def shade_rows(
+    rasterizer,
+    gb: dict,
+    rows: tuple[Tensor, Tensor, Tensor | None],
+    inputs: dict,
+    cam_pos: Tensor,
+    material: Callable[[dict, Tensor], dict],
+    light,
+    perturb: bool = True,
+    mark: Callable[[], None] | None = None,
+    fused: bool = False,
+    material_images: bool = True,
+) -> dict:
+    """Material and shading of the rows ``rows`` (`covered_rows`) with their `row_inputs` ``inputs``: everything
+    of `shade_gbuffers` between the G-buffers and the antialiasing, with shapes that depend on the rows and the image
+    alone (pass 1 replays it as a CUDA graph, `recon.render.graphed`). ``gb`` needs ``mask`` and what ``material``
+    reads (``covered_pos``, ``covered_index``, UV G-buffers).
+
+    Returns ``color`` [B,H,W,3] (zero where uncovered), ``covered`` (``ks``, and ``kd_grad`` when the material gives
+    it, zero on padding rows) and with ``material_images`` the images ``kd``/``ks``/``normal`` (and ``kd_grad``)."""
+    sel, place, valid = rows
+    mask = gb["mask"]
+    n_pix = mask.shape
 
     def covered(t: Tensor) -> Tensor:
         return masked_rows(t, sel, mask.dim())
 
-    rows = covered(gb["gb_attrs"]).split([3] + [a.shape[-1] for a in extra], -1)
-    pos, smooth = rows[0], rows[1]
-    gb["covered_pos"] = pos  # the covered rows of gb_pos, for a material evaluated there
-    tri = covered(rast[..., 3]).long() - 1
-    if valid is not None:
-        tri = tri.clamp_min(0)  # without covered pixels, padding rows gather an uncovered one (triangle id 0)
-    unit_faces = mesh.face_normals if mesh.face_normals is not None else unit_face_normals(mesh.verts, mesh.faces)
-    n_geom = take_rows(unit_faces, tri)
-    tangent, hand = None, 1.0
-    if framed:
-        tangent = rows[2]
-        hand = torch.where(rows[3] < 0, -1.0, 1.0) if mesh.handedness is not None else 1.0
+    pos = inputs["pos"]
     view_pos = take_rows(cam_pos, sel // (n_pix[1] * n_pix[2]))
-    if mark is not None:
-        mark()
     mat = material(gb, mask)
     mat = {k: (covered(v) if v.dim() == 4 else v) for k, v in mat.items()}
     if mark is not None:
         mark()
     nrm_ts = mat["nrm"] if perturb else None
+    tangent, hand = inputs["tangent"], inputs["hand"]
     if fused and fused_shading_runs(pos):
         from recon.render.shading_triton import shading_inputs, split_sum_combine
 
         n_shade, diff_col, spec_col, n_dot_v, reflvec, mip = shading_inputs(
-            nrm_ts, smooth, n_geom, pos, view_pos, tangent, hand, mat["kd"], mat["ks"], light.mip_levels)
+            nrm_ts, inputs["smooth"], inputs["n_geom"], pos, view_pos, tangent, hand, mat["kd"], mat["ks"],
+            light.mip_levels)
         irradiance, fg, spec = light.lookups(n_shade, mat["ks"][..., 1:2], n_dot_v, reflvec, mip, rasterizer)
         color = split_sum_combine(irradiance, diff_col, spec, spec_col, fg, mat["ks"])
     else:
-        n_shade = shading_normal(nrm_ts, smooth, n_geom, pos, view_pos, tangent, hand)
+        n_shade = shading_normal(nrm_ts, inputs["smooth"], inputs["n_geom"], pos, view_pos, tangent, hand)
         color = light.shade(pos, n_shade, mat["kd"], mat["ks"], view_pos, rasterizer=rasterizer)
+
     def image(v: Tensor) -> Tensor:  # covered rows -> [B,H,W,C], zero where uncovered
         if valid is None:
             return scatter_rows(v, place, mask.numel()).reshape(*n_pix, -1)
@@ -313,17 +359,11 @@ def shade_gbuffers(
     def only_valid(v: Tensor) -> Tensor:
         return v if valid is None else v * valid
 
-    # one image per quantity: slices of a joint image would each take a full-image zero fill and copy in backward
-    gb["rgb"], gb["alpha"] = with_coverage(rasterizer, image(color), gb, mesh.faces, antialias)
+    out = {"color": image(color), "covered": {"ks": only_valid(mat["ks"])}}
     if material_images:
-        gb["kd"], gb["ks"], gb["normal"] = image(mat["kd"]), image(mat["ks"]), image(n_shade)
-    gb["covered"] = {"ks": only_valid(mat["ks"])}
+        out["kd"], out["ks"], out["normal"] = image(mat["kd"]), image(mat["ks"]), image(n_shade)
     if "kd_grad" in mat:
         if material_images:
-            gb["kd_grad"] = image(mat["kd_grad"])
-        gb["covered"]["kd_grad"] = only_valid(mat["kd_grad"])
-    if depth:
-        gb["depth"], _ = rasterizer.interpolate(gb["pos_clip"][..., 3:4].contiguous(), gb["rast"], mesh.faces)
-    if mark is not None:
-        mark()
-    return gb
+            out["kd_grad"] = image(mat["kd_grad"])
+        out["covered"]["kd_grad"] = only_valid(mat["kd_grad"])
+    return out

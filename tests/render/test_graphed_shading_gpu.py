@@ -97,3 +97,71 @@ def test_a_batch_beyond_the_capacity_raises_it():
     # step 0 measured (far), steps 1-4 graphed: step 2 (near) overflowed, seen at step 3, which captured again
     assert renderer.overflows == 1
     assert renderer.capacity >= renderer.largest and renderer._graphs.captures(f"shade {renderer.capacity}") == 1
+
+
+def _pass1_loss(out: dict) -> torch.Tensor:
+    """A pass-1-like loss of every output: images, the covered rows' occlusion and albedo-smoothness terms."""
+    alpha_rows = out["alpha"].detach().reshape(-1, 1).index_select(0, out["covered_index"])
+    w = torch.linspace(0.2, 1.0, 3, device="cuda")
+    covered, n = out["covered"], out["alpha"].numel()
+    return ((out["rgb"] - 0.3) ** 2 * w).mean() + (out["alpha"] - 0.5).abs().mean() + (
+        covered["ks"][:, :1] * alpha_rows).sum() / n + 3 * covered["kd_grad"].sum() / n
+
+
+def test_pass1_graphed_shading_matches_eager_on_the_same_rows():
+    """`GraphedNeuralPBR` against `render_pbr` run eagerly with the capacity and the albedo-smoothness draws the
+    graphed render used, step after step while DMTet's mesh changes size: images, loss and the gradients to the sdf,
+    the vertex offsets, the hash grid and MLP, and the light."""
+    from recon.geometry.dmtet import DMTetGeometry
+    from recon.materials.pbr import NeuralPBRMaterial
+    from recon.render.graphed import GraphedNeuralPBR
+    from recon.render.shading import render_pbr
+
+    torch.manual_seed(0)
+    geometry = DMTetGeometry(tet_grid=24, scale=2.0, init_radius=0.55).cuda()
+    aabb = torch.tensor([[-1.0] * 3, [1.0] * 3])
+    material = NeuralPBRMaterial(aabb, encoding=dict(n_levels=8, log2_hashmap_size=14, max_resolution=256)).cuda()
+    light = EnvironmentLight(base_res=64, min_res=8, diffuse_res=8, init="random").cuda()
+    r = make_rasterizer("nvdiffrast", "cuda")
+    renderer = GraphedNeuralPBR(eager_steps=2)
+    params = [geometry.sdf, geometry.deform, *material.parameters(), light.base]
+    opt = torch.optim.SGD(params, lr=0.3)
+    cams = _cameras([2.4, 2.6, 2.2, 2.8])
+    faces, names = set(), ("rgb", "alpha", "loss", "sdf grad", "deform grad", "material grads", "light grad")
+    for step in range(7):
+        mvp, cam, res = cams
+        seen = {}
+        for graphs in (True, False):
+            cuda_graphs.set_enabled(graphs)
+            opt.zero_grad(set_to_none=True)
+            light.build_mips()
+            mesh = geometry()
+            gen = torch.Generator(device="cuda").manual_seed(100 + step)
+            if graphs:
+                out = renderer.render(r, mesh, mvp, cam, res, material, light, fused=True, generator=gen)
+                faces.add(mesh.faces.shape[0])
+                if renderer.capacity is None:
+                    break  # still measuring: an eager step
+            else:
+                draws = material.smoothness_draws(renderer.capacity, gen)
+
+                def neural(gb, mask, draws=draws):
+                    return material(gb["covered_pos"], smoothness=True, draws=draws)
+
+                out = render_pbr(r, mesh, mvp, cam, res, neural, light, fused=True, material_images=False,
+                                 capacity=renderer.capacity)
+            loss = _pass1_loss(out)
+            loss.backward()
+            grads = torch.cat([p.grad.reshape(-1) for p in params[2:-1]])
+            seen[graphs] = [t.detach().clone() for t in (out["rgb"], out["alpha"], loss, geometry.sdf.grad,
+                                                          geometry.deform.grad, grads, light.base.grad)]
+        if len(seen) == 2:
+            for name, a, b in zip(names, seen[True], seen[False]):
+                _close(a, b, f"step {step} {name}")
+        opt.step()
+        with torch.no_grad():
+            geometry.sdf += 0.01  # the sphere shrinks: its mesh changes size from step to step
+    cuda_graphs.set_enabled(True)
+    assert renderer.capacity is not None and renderer.overflows == 0
+    assert renderer._graphs.captures(renderer.graph_name) == 1  # steps 2-6 replayed one capture
+    assert len(faces) > 1  # the mesh changed size while the graph replayed
