@@ -82,7 +82,7 @@ def test_graphed_shading_matches_eager_step_by_step():
     renderer = GraphedPBR(eager_steps=2)
     seen = _steps(renderer, [_cameras([2.4, 2.6, 2.2, 2.8])], 6, compare=True)
     assert renderer.capacity is not None and renderer.overflows == 0
-    assert renderer._graphs.captures(f"shade {renderer.capacity}") == 1  # steps 2-5 replayed one capture
+    assert renderer._graphs.captures(renderer.graph_name) == 1  # steps 2-5 replayed one capture
     names = ("rgb", "alpha", "loss", "offset grad", "texture grad", "light grad")
     for step, (found, _) in enumerate(seen):
         for name, a, b in zip(names, found[True], found[False]):
@@ -96,7 +96,7 @@ def test_a_batch_beyond_the_capacity_raises_it():
     _steps(renderer, [far, far, near, near, near], 5)
     # step 0 measured (far), steps 1-4 graphed: step 2 (near) overflowed, seen at step 3, which captured again
     assert renderer.overflows == 1
-    assert renderer.capacity >= renderer.largest and renderer._graphs.captures(f"shade {renderer.capacity}") == 1
+    assert renderer.capacity >= renderer.largest and renderer._graphs.captures(renderer.graph_name) == 1
 
 
 def _pass1_loss(out: dict) -> torch.Tensor:
