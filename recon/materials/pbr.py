@@ -116,7 +116,10 @@ class NeuralPBRMaterial(nn.Module):
                          dtype: torch.dtype = torch.float32) -> tuple[Tensor | None, Tensor]:
         """The random draws of `forward`'s albedo-smoothness term for ``n`` points: the systematic sample's start
         ([1] int64 below the stride; None when every point is jittered) and the unit-normal offsets [n // stride, 3]
-        (or [n, 3]) of the jittered points, drawn from ``generator`` in that order."""
+        (or [n, 3]) of the jittered points, drawn from ``generator`` in that order, on ``device`` (None: the
+        generator's)."""
+        if device is None and generator is not None:
+            device = generator.device
         stride = self.smoothness_stride
         start = None
         if stride > 1 and n > stride:
