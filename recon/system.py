@@ -99,7 +99,8 @@ class ReconSystem(L.LightningModule):
         self.render_cfg, self.loss_cfg, self.optim_cfg, self.bake_cfg = dict(render), dict(loss), dict(optim), dict(bake)
         compiled.set_mode(self.render_cfg.get("compile", "off"))
         cuda_graphs.set_enabled(bool(self.render_cfg.get("cuda_graphs", True)))
-        self.pass1_renderer = GraphedNeuralPBR(margin=float(self.render_cfg.get("graph_margin", 0.15)))
+        self.pass1_renderer = GraphedNeuralPBR(margin=float(self.render_cfg.get("graph_margin", 0.15)),
+                                               skip_padding=bool(self.render_cfg.get("graph_skip_padding", True)))
         self.pass2_renderer = GraphedPBR(margin=float(self.render_cfg.get("graph_margin", 0.15)))
         self.pass1_steps, self.pass2_steps = int(pass1_steps), int(pass2_steps)
         if self.pass1_steps <= 0 or self.pass2_steps < 0:

@@ -358,10 +358,15 @@ class HashGridEncoding(nn.Module):
         assert index.shape == (n_levels, 2**n_dims, x.shape[0])
         return index, weights
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Encode x [N, D] in [0,1] (clamped) -> [N, n_levels * n_features_per_level]."""
+    def forward(self, x: Tensor, row_mask: Tensor | None = None) -> Tensor:
+        """Encode x [N, D] in [0,1] (clamped) -> [N, n_levels * n_features_per_level].
+
+        row_mask: [N] bool, the points to encode (None: all); the others give zero rows and no gradient. The Triton
+        kernels skip them (no table reads, no atomic adds), the other backends zero them after encoding all."""
         if x.ndim != 2 or x.shape[1] != self.n_input_dims:
             raise ValueError(f"Expected x of shape [N, {self.n_input_dims}], got {list(x.shape)}.")
+        if row_mask is not None and (row_mask.dtype != torch.bool or row_mask.shape != (x.shape[0],)):
+            raise ValueError(f"row_mask must be a bool tensor [{x.shape[0]}], got {row_mask.dtype} {list(row_mask.shape)}.")
         table = self.params
         if table.dtype not in (torch.float32, torch.float64):
             raise ValueError(
@@ -369,14 +374,16 @@ class HashGridEncoding(nn.Module):
                 "float32 precision at fine levels) and use torch.autocast for mixed precision."
             )
         if self._use_triton(x):  # scales the table gradient inside its backward kernel
-            return self._forward_triton(x)
+            return self._forward_triton(x, row_mask)
         if self.grad_scale != 1.0 and table.requires_grad and torch.is_grad_enabled():
             table = _ScaleGradient.apply(table, self.grad_scale)
         if self._use_tcnn(x) and x.shape[0] > 0:
-            return self._forward_tcnn(x, table)
-        index, weights = self.corner_indices(x)
-        out = _InterpolateTable.apply(table, index, weights, self.n_features_per_level)  # [L,N,F]
-        return out.permute(1, 0, 2).reshape(x.shape[0], self.n_output_dims)
+            out = self._forward_tcnn(x, table)
+        else:
+            index, weights = self.corner_indices(x)
+            out = _InterpolateTable.apply(table, index, weights, self.n_features_per_level)  # [L,N,F]
+            out = out.permute(1, 0, 2).reshape(x.shape[0], self.n_output_dims)
+        return out if row_mask is None else out * row_mask[:, None]
 
     # tiny-cuda-nn backend ---------------------------------------------------------------------
 
@@ -445,13 +452,13 @@ class HashGridEncoding(nn.Module):
             )
         return True
 
-    def _forward_triton(self, x: Tensor) -> Tensor:
+    def _forward_triton(self, x: Tensor, row_mask: Tensor | None = None) -> Tensor:
         table = self.params
         grad_scale = self.grad_scale if table.requires_grad and torch.is_grad_enabled() else 1.0
         return _import_triton_backend().hash_grid_encode(
             x, table, self.level_scale, self.level_multiplier, self.level_size, self.level_offset,
             self.n_dense_levels, self.n_features_per_level, grad_scale, launch_layout=self.triton_layout,
-            run_levels=self.run_levels,
+            run_levels=self.run_levels, row_mask=row_mask,
         )
 
 

@@ -119,7 +119,8 @@ def _level(
     level,  # scalar level index
     xc0, xc1, xc2,  # [BLOCK] clamped coordinates (xc1, xc2 unused below D = 2, 3)
     n64,  # [BLOCK] int64 point indices
-    valid,  # [BLOCK] n < n_points
+    valid,  # [BLOCK] n < n_points and the row mask set: the points computed
+    stored,  # [BLOCK] n < n_points: the rows the forward stores (zeros where not valid)
     table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
     scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale, n_runs,
     D: tl.constexpr,
@@ -240,7 +241,8 @@ def _level(
                         dx2 -= d2
 
     if FORWARD:
-        tl.store(out_ptr + n64[:, None] * (L * F) + level * F + feat[None, :], acc, mask=valid_f)
+        stored_f = stored[:, None] & (feat < F)[None, :]
+        tl.store(out_ptr + n64[:, None] * (L * F) + level * F + feat[None, :], acc, mask=stored_f)
     # d frac / d x = s_l.
     return dx0 * scale, dx1 * scale, dx2 * scale
 
@@ -257,6 +259,7 @@ def _hash_grid_kernel(
     mult_ptr,  # [L, D] int64: R_l^d (dense levels) or hash primes (hashed levels)
     size_ptr,  # [L] int64 rows per level
     offset_ptr,  # [L] int64 first row of each level
+    mask_ptr,  # [N] bool rows to compute (MASKED only): the others are zero and get no gradient
     n_points,
     stride_xn,
     stride_xd,
@@ -273,9 +276,13 @@ def _hash_grid_kernel(
     INPUT_GRAD: tl.constexpr,  # backward only
     RUNS: tl.constexpr,  # backward: run sums compiled in (n_runs > 0 and `tl.gather` available)
     ALL_LEVELS: tl.constexpr,  # `points` layout: grid [ceil(N / BLOCK)], else `levels`: [ceil(N / BLOCK), L]
+    MASKED: tl.constexpr,  # mask_ptr given
 ):
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = n < n_points
+    stored = n < n_points
+    valid = stored
+    if MASKED:  # rows left out load, gather and add nothing
+        valid = stored & (tl.load(mask_ptr + n, mask=stored, other=0) != 0)
     n64 = n.to(tl.int64)  # N * L * F may exceed 2^31
     x_row = x_ptr + n64 * stride_xn
     # x is clamped to the cube; its gradient passes where 0 <= x <= 1, as through torch.clamp.
@@ -294,7 +301,7 @@ def _hash_grid_kernel(
         gx2 = tl.zeros([BLOCK], dtype=table_ptr.dtype.element_ty)
         for level in range(L):
             dx0, dx1, dx2 = _level(
-                level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
+                level, xc0, xc1, xc2, n64, valid, stored, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
                 scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale, n_runs,
                 D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD, RUNS,
             )
@@ -305,15 +312,16 @@ def _hash_grid_kernel(
                 if D > 2:
                     gx2 += dx2
         if INPUT_GRAD:
-            tl.store(grad_x_ptr + n64 * D, tl.where(inside0, gx0, 0.0), mask=valid)
+            # every row is stored: rows left out by the mask summed zeros
+            tl.store(grad_x_ptr + n64 * D, tl.where(inside0, gx0, 0.0), mask=stored)
             if D > 1:
-                tl.store(grad_x_ptr + n64 * D + 1, tl.where(inside1, gx1, 0.0), mask=valid)
+                tl.store(grad_x_ptr + n64 * D + 1, tl.where(inside1, gx1, 0.0), mask=stored)
             if D > 2:
-                tl.store(grad_x_ptr + n64 * D + 2, tl.where(inside2, gx2, 0.0), mask=valid)
+                tl.store(grad_x_ptr + n64 * D + 2, tl.where(inside2, gx2, 0.0), mask=stored)
     else:
         level = tl.program_id(1)
         dx0, dx1, dx2 = _level(
-            level, xc0, xc1, xc2, n64, valid, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
+            level, xc0, xc1, xc2, n64, valid, stored, table_ptr, out_ptr, grad_out_ptr, grad_table_ptr,
             scale_ptr, mult_ptr, size_ptr, offset_ptr, n_dense, grad_scale, n_runs,
             D, F, F_PAD, L, BLOCK, FORWARD, TABLE_GRAD, INPUT_GRAD, RUNS,
         )
@@ -344,12 +352,14 @@ def _launch(
     grad_scale: float = 1.0,
     launch_layout: str | None = None,
     run_levels: int | None = None,
+    row_mask: Tensor | None = None,
 ) -> None:
     """One kernel launch: the forward pass when `out` is given, else the backward pass.
 
     launch_layout: "levels" or "points" (see the module docstring); None takes LAUNCH_LAYOUT's
     entry for the pass. grad_x must be zero-initialised for the `levels` layout only.
     run_levels: the backward's levels that add once per run of points (`_runs_add`); None: RUN_LEVELS.
+    row_mask: [N] bool, the rows computed (see `hash_grid_encode`); None: all.
     """
     if run_levels is None:
         run_levels = RUN_LEVELS if RUN_LEVELS is not None or not interpreting() else 0
@@ -377,13 +387,13 @@ def _launch(
     args = (
         x, table, dummy if out is None else out, dummy if grad_out is None else grad_out,
         dummy if grad_table is None else grad_table, dummy if grad_x is None else grad_x,
-        level_scale, level_multiplier, level_size, level_offset,
+        level_scale, level_multiplier, level_size, level_offset, dummy if row_mask is None else row_mask,
         n_points, x.stride(0), x.stride(1), n_dense, float(grad_scale), n_runs,
     )
     meta = dict(
         D=n_dims, F=n_features, F_PAD=triton.next_power_of_2(n_features), L=n_levels, BLOCK=block,
         FORWARD=forward, TABLE_GRAD=grad_table is not None, INPUT_GRAD=grad_x is not None, ALL_LEVELS=all_levels,
-        RUNS=not forward and grad_table is not None and n_runs > 0,
+        RUNS=not forward and grad_table is not None and n_runs > 0, MASKED=row_mask is not None,
     )
     if interpret:
         _hash_grid_kernel[grid](*args, **meta)
@@ -399,12 +409,13 @@ class _HashGridFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, table: Tensor, layout: tuple, n_features: int, grad_scale: float,
-                launch_layout: tuple[str, str] | None, run_levels: int | None) -> Tensor:
+                launch_layout: tuple[str, str] | None, run_levels: int | None, row_mask: Tensor | None) -> Tensor:
         n_levels = layout[0].shape[0]
         out = torch.empty(x.shape[0], n_levels * n_features, dtype=table.dtype, device=x.device)
         if x.shape[0] > 0:
-            _launch(x, table, layout, n_features, out=out, launch_layout=launch_layout and launch_layout[0])
-        ctx.save_for_backward(x, table, *layout[:4])
+            _launch(x, table, layout, n_features, out=out, launch_layout=launch_layout and launch_layout[0],
+                    row_mask=row_mask)
+        ctx.save_for_backward(x, table, *layout[:4], row_mask)
         ctx.n_dense, ctx.n_features, ctx.grad_scale = layout[4], n_features, grad_scale
         ctx.launch_layout = LAUNCH_LAYOUT["backward"] if launch_layout is None else launch_layout[1]
         ctx.run_levels = run_levels
@@ -412,8 +423,8 @@ class _HashGridFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None]:
-        x, table, *buffers = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None, None, None]:
+        x, table, *buffers, row_mask = ctx.saved_tensors
         layout = (*buffers, ctx.n_dense)
         need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         launch_layout = ctx.launch_layout
@@ -426,11 +437,11 @@ class _HashGridFunction(torch.autograd.Function):
             _launch(
                 x, table, layout, ctx.n_features, grad_out=grad_out.to(table.dtype).contiguous(),
                 grad_table=grad_table, grad_x=grad_x, grad_scale=ctx.grad_scale, launch_layout=launch_layout,
-                run_levels=ctx.run_levels,
+                run_levels=ctx.run_levels, row_mask=row_mask,
             )
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_table, None, None, None, None, None
+        return grad_x, grad_table, None, None, None, None, None, None
 
 
 def hash_grid_encode(
@@ -445,6 +456,7 @@ def hash_grid_encode(
     grad_scale: float = 1.0,
     launch_layout: tuple[str, str] | None = None,
     run_levels: int | None = None,
+    row_mask: Tensor | None = None,
 ) -> Tensor:
     """Multi-resolution hash encoding by the Triton kernels, differentiable w.r.t. table and x.
 
@@ -454,8 +466,10 @@ def hash_grid_encode(
     `HashGridEncoding`'s buffers; levels below n_dense_levels are dense.
     grad_scale multiplies the table's gradient (not x's). launch_layout: (forward, backward) layouts
     (None: LAUNCH_LAYOUT's, read when each pass runs). run_levels: the backward's levels that add
-    once per run of points (`_runs_add`; None: RUN_LEVELS, read when the backward runs). Returns
-    [N, L * n_features] in the table's dtype, level-major.
+    once per run of points (`_runs_add`; None: RUN_LEVELS, read when the backward runs). row_mask: [N] bool, the
+    points to encode (None: all); the others give zero rows, read no table entry and get no gradient (padding rows
+    of a fixed-size batch cost nothing but their launch). Returns [N, L * n_features] in the table's dtype,
+    level-major.
     """
     n_dims = x.shape[1]
     if not 1 <= n_dims <= MAX_INPUT_DIMS:
@@ -472,5 +486,10 @@ def hash_grid_encode(
     )
     if launch_layout is not None and not set(launch_layout) <= set(LAUNCH_LAYOUTS):
         raise ValueError(f"Unknown hash-grid launch layouts {launch_layout}; use two of {LAUNCH_LAYOUTS}.")
+    if row_mask is not None:
+        if row_mask.dtype != torch.bool or row_mask.shape != (x.shape[0],) or row_mask.device != x.device:
+            raise ValueError(f"row_mask must be a bool tensor [{x.shape[0]}] on {x.device}, got {row_mask.dtype} "
+                             f"{list(row_mask.shape)} on {row_mask.device}.")
+        row_mask = row_mask.contiguous()
     return _HashGridFunction.apply(x, table.contiguous(), layout, int(n_features), float(grad_scale),
-                                   None if launch_layout is None else tuple(launch_layout), run_levels)
+                                   None if launch_layout is None else tuple(launch_layout), run_levels, row_mask)

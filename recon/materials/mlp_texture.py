@@ -90,19 +90,21 @@ class MLPTexture3D(nn.Module):
             raise ValueError(f"aabb max corner must exceed the min corner on every axis, got {aabb.tolist()}")
         self.aabb.copy_(aabb)
 
-    def sample(self, points: Tensor) -> Tensor:
+    def sample(self, points: Tensor, row_mask: Tensor | None = None) -> Tensor:
         """Evaluate the field at world-space points.
 
         points: [..., 3] world space; points outside the aabb take the value at the nearest point
         of the box. Returns [..., channels] in the encoder's dtype (float32 by default), each
-        channel within [min_max[0], min_max[1]].
+        channel within [min_max[0], min_max[1]]. row_mask: [...] bool, the points that matter (None: all): the
+        others are encoded as zero features (`HashGridEncoding`'s row_mask) and their values are the network's at
+        zero; no gradient reaches the table from them.
         """
         if points.shape[-1] != 3:
             raise ValueError(f"points must have shape [..., 3], got {list(points.shape)}.")
         lead = points.shape[:-1]
         p = points.reshape(-1, 3).to(self.aabb.dtype)
         unit = ((p - self.aabb[0]) / (self.aabb[1] - self.aabb[0])).clamp(0.0, 1.0)
-        features = self.encoder(unit).to(self.net[0].weight.dtype)
+        features = self.encoder(unit, None if row_mask is None else row_mask.reshape(-1)).to(self.net[0].weight.dtype)
         fused_mlp = optional_module("recon.materials.mlp_triton") if self.fused_mlp and (features.is_cuda or _interpreting()) else None
         weights = [layer.weight for layer in self.net if isinstance(layer, nn.Linear)]
         if fused_mlp is not None and fused_mlp.supports(features, weights):

@@ -85,24 +85,28 @@ class NeuralPBRMaterial(nn.Module):
         return self.field.min_max
 
     def forward(self, points: Tensor, smoothness: bool = False, generator: torch.Generator | None = None,
-                draws: tuple[Tensor | None, Tensor] | None = None) -> dict[str, Tensor]:
+                draws: tuple[Tensor | None, Tensor] | None = None, row_mask: Tensor | None = None) -> dict[str, Tensor]:
         """Material at world points [N,3]: ``kd``, ``ks``, ``nrm`` [N,3]; with ``smoothness`` also ``kd_grad`` [N,1],
         the mean absolute albedo change over a random offset of ``smoothness_jitter`` (nvdiffrec's kd regulariser),
         drawn from ``generator`` (on the points' device; None: torch's global generator) or given as ``draws``
         (`smoothness_draws` for N points: a function of the points and parameters alone, as a CUDA graph needs).
         With a ``smoothness_fraction`` below 1, ``kd_grad`` is zero but at the sampled points, whose values are
-        scaled so that its mean estimates the full term's."""
+        scaled so that its mean estimates the full term's. row_mask: [N] bool, the points whose values matter (None:
+        all; e.g. the covered rows of a fixed-size batch): the hash grid skips the others (`MLPTexture3D.sample`),
+        whose values are then the network's at zero features."""
         if not self.position_grad:
             points = points.detach()
         if not smoothness:
-            return split_channels(self.field.sample(points))
+            return split_channels(self.field.sample(points, row_mask))
         n = points.shape[0]
         start, offset = self.smoothness_draws(n, generator, points.device, points.dtype) if draws is None else draws
         sampled = None
         if start is not None:
             sampled = torch.arange(n // self.smoothness_stride, device=points.device) * self.smoothness_stride + start
         anchors = points if sampled is None else points.index_select(0, sampled)  # sampled < n: start < stride
-        both = self.field.sample(torch.cat([points, anchors + offset * self.smoothness_jitter]))  # one network pass
+        if row_mask is not None:  # the jittered copies matter where their anchors do
+            row_mask = torch.cat([row_mask, row_mask if sampled is None else row_mask.index_select(0, sampled)])
+        both = self.field.sample(torch.cat([points, anchors + offset * self.smoothness_jitter]), row_mask)  # one pass
         values, values_j = both.split([n, both.shape[0] - n])
         out = split_channels(values)
         base = out["kd"] if sampled is None else out["kd"].index_select(0, sampled)

@@ -10,6 +10,8 @@ stays outside: nvdiffrast's rasterizer waits for the GPU to size its buffers, wh
 Pass 1 (`GraphedNeuralPBR`): DMTet's mesh changes size every step, so the G-buffer interpolation, the gathers of the
 covered rows' inputs (`recon.render.shading.row_inputs`) and the antialiasing run eagerly; the hash-grid material
 (its albedo-smoothness draws made outside), the shading and the colour image's scatter (`shade_rows`) are the graph.
+The hash grid skips the padding rows (`HashGridEncoding`'s row_mask): in pass 1 the covered pixels shrink from the
+first batches' count as the surface settles, so padding takes a good share of the rows.
 
 The capacity follows the data: the first ``eager_steps`` renders run eagerly and measure the covered pixels of each
 batch; the capacity is their maximum plus ``margin``, rounded up. Each graphed render copies its covered-pixel count
@@ -208,13 +210,22 @@ class GraphedPBR(_RowCapacity):
 class GraphedNeuralPBR(_RowCapacity):
     """`render_pbr` for a pass-1 training step (DMTet's mesh, the hash-grid `NeuralPBRMaterial` with its
     albedo-smoothness term), with the material and shading graphed (see the module docstring). Arguments:
-    `_RowCapacity`'s; more eager steps than pass 2 by default, since the surface grows in pass 1's first steps."""
+    `_RowCapacity`'s (more eager steps than pass 2 by default, since the surface grows in pass 1's first steps) and
+    skip_padding: the hash grid leaves the padding rows out (``model.render.graph_skip_padding``)."""
 
     NAME = "pass-1 shading"
     STATS = "pass1_graph_shading"
 
-    def __init__(self, eager_steps: int = 100, margin: float = 0.15, granularity: int = 16384):
+    def __init__(self, eager_steps: int = 100, margin: float = 0.15, granularity: int = 16384,
+                 skip_padding: bool = True):
         super().__init__(eager_steps, margin, granularity)
+        self.skip_padding = bool(skip_padding)  # the hash grid leaves the padding rows out (its row_mask)
+
+    def __deepcopy__(self, memo) -> GraphedNeuralPBR:
+        return GraphedNeuralPBR(self.eager_steps, self.margin, self.granularity, self.skip_padding)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "skip_padding": self.skip_padding}
 
     def render(self, rasterizer, mesh: Mesh, mvp: Tensor, cam_pos: Tensor, resolution: tuple[int, int],
                material: nn.Module, light, perturb: bool = True, fused: bool = False,
@@ -245,7 +256,7 @@ class GraphedNeuralPBR(_RowCapacity):
         start, offset = material.smoothness_draws(self.capacity, generator, mesh.verts.device, inputs["pos"].dtype)
         if mark is not None:
             mark()
-        names, sampled = list(params), start is not None
+        names, sampled, skip = list(params), start is not None, self.skip_padding
 
         def shade(pos: Tensor, smooth: Tensor, n_geom: Tensor, sel: Tensor, place: Tensor, valid: Tensor,
                   mask: Tensor, cam_pos: Tensor, offset: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
@@ -254,7 +265,9 @@ class GraphedNeuralPBR(_RowCapacity):
             *spec, diffuse, lut = rest[int(sampled) + len(names):]
 
             def neural(gb: dict, mask: Tensor) -> dict:
-                return functional_call(material, p, (gb["covered_pos"],), {"smoothness": True, "draws": (start, offset)})
+                return functional_call(material, p, (gb["covered_pos"],),
+                                       {"smoothness": True, "draws": (start, offset),
+                                        "row_mask": valid[:, 0] if skip else None})
 
             with light.using(spec, diffuse, lut):
                 out = shade_rows(rasterizer, {"mask": mask, "covered_pos": pos, "covered_index": sel},

@@ -43,7 +43,7 @@ def test_smoothness_fraction_samples_every_kth_point_without_bias():
     pts = torch.rand(1001, 3) * 2 - 1
     seen = []
     sample = part.field.sample
-    part.field.sample = lambda x: seen.append(x.shape[0]) or sample(x)
+    part.field.sample = lambda x, *mask: seen.append(x.shape[0]) or sample(x, *mask)
     out = part(pts, smoothness=True, generator=torch.Generator().manual_seed(1))
     assert seen == [1001 + 250]
     nonzero = out["kd_grad"][:, 0].nonzero()[:, 0]

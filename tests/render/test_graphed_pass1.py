@@ -83,7 +83,8 @@ def _grads(out: dict, params: list) -> list:
     return [out["rgb"], out["alpha"], ks, kd_grad, *grads]
 
 
-def test_the_graphed_path_equals_render_pbr_on_the_same_rows(monkeypatch):
+@pytest.mark.parametrize("skip_padding", [True, False])
+def test_the_graphed_path_equals_render_pbr_on_the_same_rows(skip_padding, monkeypatch):
     """The graphed path run eagerly (GraphCache.call without a capture) against `render_pbr` with the capacity and the
     draws it used: images, covered rows and the gradients to the vertices, the material and the light."""
     monkeypatch.setattr(cuda_graphs, "applies", lambda args: True)
@@ -98,16 +99,24 @@ def test_the_graphed_path_equals_render_pbr_on_the_same_rows(monkeypatch):
     material, light = _models()
     r = make_rasterizer("torch")
     params = [verts, *material.parameters(), light.base]
-    renderer = GraphedNeuralPBR(eager_steps=1, granularity=256)
+    renderer = GraphedNeuralPBR(eager_steps=1, granularity=256, skip_padding=skip_padding)
     first = renderer.render(r, Mesh(verts, faces).with_normals(), mvp, cam, res, material, light, generator=_gen(1))
     assert renderer.measured == 1 and renderer.capacity is None and "covered_valid" not in first
     assert not [c for c in calls if c.startswith("pass-1")]
     light.build_mips()  # the light's tensors, taken again after the first step's graph (as each step does)
+    encode, masks = material.field.encoder.forward, []
+    material.field.encoder.forward = lambda x, row_mask=None: masks.append(row_mask) or encode(x, row_mask)
     out = renderer.render(r, Mesh(verts, faces).with_normals(), mvp, cam, res, material, light, generator=_gen(9))
     n, capacity = first["covered_index"].shape[0], renderer.capacity
     assert [c for c in calls if c.startswith("pass-1")] == [f"pass-1 shading {capacity}"]
     assert capacity == math.ceil(n * 1.15 / 256) * 256 > n
     got = _grads(out, params)
+    del material.field.encoder.forward
+    assert len(masks) == 1
+    if skip_padding:  # the hash grid was told to skip the padding rows: the covered rows, then their jittered copies
+        assert masks[0].shape[0] == capacity + capacity // 4 and n < int(masks[0].sum()) < n + n // 4 + 2
+    else:
+        assert masks[0] is None
 
     draws = material.smoothness_draws(capacity, _gen(9))
     light.build_mips()
@@ -133,3 +142,14 @@ def test_pass1_stats_have_their_own_names():
     renderer.capacity, renderer.largest = 1_441_792, 1_300_000
     assert renderer.stats() == {"pass1_graph_shading_rows": 1_441_792, "pass1_graph_shading_covered_max": 1_300_000,
                                 "pass1_graph_shading_overflows": 0}
+
+
+def test_pass1_renderer_copies_keep_its_settings():
+    import copy
+    import pickle
+
+    renderer = GraphedNeuralPBR(eager_steps=3, margin=0.05, skip_padding=False)
+    renderer.capacity = 5000
+    for clone in (copy.deepcopy(renderer), pickle.loads(pickle.dumps(renderer))):
+        assert isinstance(clone, GraphedNeuralPBR) and clone.capacity is None
+        assert (clone.eager_steps, clone.margin, clone.skip_padding) == (3, 0.05, False)
