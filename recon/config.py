@@ -108,11 +108,11 @@ class RenderConfig:
     backend: str = "auto"                 # auto | torch | nvdiffrast
     compile: str = "off"                  # torch.compile the shading and losses: off | auto (CUDA) | on
     fused_shading: bool = True            # CUDA: the per-pixel shading as Triton kernels (recon/render/shading_triton.py)
-    cuda_graphs: bool = True              # CUDA training: the light's mips, pass 2's mesh and shading as CUDA graphs (recon/cuda_graphs.py)
+    cuda_graphs: bool = True              # CUDA training: light mips, pass 2's mesh, both passes' shading as graphs (recon/cuda_graphs.py)
     graph_shading: bool = True            # pass 2's shading after the rasterization as one CUDA graph (with cuda_graphs)
     graph_shading_pass1: bool = True      # pass 1's material and shading as one CUDA graph (with cuda_graphs)
     graph_skip_padding: bool = True       # pass 1's graph: the hash grid skips the padding rows (row_mask)
-    graph_margin: float = 0.15            # pass 2's graphed shading: rows above the most covered pixels seen (recon/render/graphed.py)
+    graph_margin: float = 0.15            # graphed shading (both passes): rows above the most covered pixels seen (recon/render/graphed.py)
     cube_stride: int = 0                  # CUDA: light cube-map lookups with neighbouring threads this many pixels apart (0: in order)
     cube_kernel: str = "triton"           # CUDA: the light's cube-map lookups: triton (recon/render/cube_triton.py) | nvdiffrast
 
