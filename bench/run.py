@@ -334,7 +334,8 @@ def assemble_result(preset: str, cfg, e2e: dict, prof: dict) -> dict:
                     "chamfer_l1": geo.get("chamfer_l1"), **fscore, "triangles": metrics.get("triangles")},
         "pass1_seconds": timing.get("pass1_seconds"), "pass2_seconds": timing.get("pass2_seconds"),
         "bake_seconds": {k: timing.get(k) for k in ("cull_seconds", "simplify_seconds", "unwrap_seconds", "bake_seconds")},
-        "unwrap": {k: timing.get(f"unwrap_{k}") for k in ("charts", "atlas_used", "xatlas_seconds")}
+        "unwrap": {k: timing.get(f"unwrap_{k}") for k in ("charts", "atlas_used", "xatlas_seconds", "components",
+                                                           "small_component_faces")}
                   | {"tangents_seconds": timing.get("tangents_seconds")},
         "steady_iterations_per_second": {p: timing.get(f"{p}_iterations_per_second") for p in ("pass1", "pass2")},
         "first_steps": {k: timing.get(k) for k in ("pass1_first_steps", "pass1_first_steps_seconds", "pass2_first_steps",
@@ -413,6 +414,9 @@ def result_markdown(r: dict) -> str:
         passes += (f" In the unwrap xatlas took {_fmt(unwrap['xatlas_seconds'], '.2f')} s for {unwrap.get('charts')} charts "
                    f"covering {_fmt(unwrap.get('atlas_used'), '.2f')} of the atlas; the tangent frames after it "
                    f"{_fmt(unwrap.get('tangents_seconds'), '.2f')} s.")
+        if unwrap.get("components") is not None:
+            passes += (f" The unwrapped surface has {unwrap['components']} connected pieces, "
+                       f"{unwrap.get('small_component_faces')} faces in pieces under 64 faces.")
     steady, first = r.get("steady_iterations_per_second") or {}, r.get("first_steps") or {}
     if steady.get("pass1") is not None:
         passes += (f" Steady state {_fmt(1e3 / steady['pass1'], '.1f')} ms per pass-1 step"

@@ -362,7 +362,8 @@ class ReconSystem(L.LightningModule):
             "exported_triangles": int(mesh.faces.shape[0]), "cull_seconds": t1 - t0, "simplify_seconds": t2 - t1,
             "unwrap_seconds": t_unwrap - t2, "tangents_seconds": t3 - t_unwrap, "bake_seconds": time.perf_counter() - t3,
             "unwrap_charts": atlas["charts"], "unwrap_atlas_used": atlas["atlas_used"],
-            "unwrap_xatlas_seconds": atlas["generate_seconds"],
+            "unwrap_xatlas_seconds": atlas["generate_seconds"], "unwrap_components": atlas["components"],
+            "unwrap_small_component_faces": atlas["small_component_faces"],
         }
         return mesh, tex
 

@@ -118,7 +118,10 @@ def test_writers_json_markdown_and_summary(tmp_path):
     r["unwrap"] = {"charts": 3300, "atlas_used": 0.62, "xatlas_seconds": 1.875, "tangents_seconds": 0.125}
     md = bench.write_result(r, tmp_path)[1].read_text()
     assert ("In the unwrap xatlas took 1.88 s for 3300 charts covering 0.62 of the atlas; the tangent frames after "
-            "it 0.12 s.") in md
+            "it 0.12 s.") in md and "connected pieces" not in md
+    r["unwrap"].update(components=41, small_component_faces=380)
+    md = bench.write_result(r, tmp_path)[1].read_text()
+    assert "The unwrapped surface has 41 connected pieces, 380 faces in pieces under 64 faces." in md
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a result: ignored
     summary = bench.write_summary(tmp_path).read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| preset")]

@@ -55,7 +55,8 @@ def test_unwrap_gives_a_valid_atlas(bumpy, chunk_faces, iterations):
 def test_unwrap_reports_its_atlas(bumpy):
     stats = {}
     mesh = unwrap(bumpy, resolution=512, chunk_faces=800, stats=stats)
-    assert set(stats) == {"charts", "atlas_used", "generate_seconds"}
+    assert set(stats) == {"charts", "atlas_used", "generate_seconds", "components", "small_component_faces"}
+    assert stats["components"] == 1 and stats["small_component_faces"] == 0  # one closed sphere
     assert 1 <= stats["charts"] <= bumpy.faces.shape[0] and stats["generate_seconds"] > 0
     # xatlas's utilization counts the texels its charts cover: about the summed UV areas
     assert stats["atlas_used"] == pytest.approx(_uv_area(mesh.uv, mesh.uv_faces).sum().item(), rel=0.15)
@@ -71,3 +72,18 @@ def test_pieces_keep_most_of_the_atlas_space(bumpy):
 def test_negative_chart_iterations_are_refused(bumpy):
     with pytest.raises(ValueError, match="unwrap_chart_iterations"):
         unwrap(bumpy, chart_iterations=-1)
+
+
+def test_surface_components_count_pieces_and_fragments():
+    import numpy as np
+    import trimesh
+
+    from recon.export.uv_bake import SMALL_COMPONENT_FACES, surface_components
+
+    big = trimesh.creation.icosphere(subdivisions=2)  # 320 faces
+    small = trimesh.creation.box()  # 12 faces
+    faces = np.concatenate([big.faces, small.faces + len(big.vertices), small.faces + len(big.vertices) + 8,
+                            big.faces + len(big.vertices) + 16])
+    assert surface_components(faces) == (4, 24) and len(small.faces) < SMALL_COMPONENT_FACES < len(big.faces)
+    assert surface_components(faces[:0]) == (0, 0)
+    assert surface_components(faces[len(big.faces):]) == (3, 24)  # unused vertex numbers are no pieces
