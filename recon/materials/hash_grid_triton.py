@@ -7,6 +7,8 @@ gradient into the table gradient and, when the points need a gradient, accumulat
 over the corners. Nothing but the inputs is saved between the passes. The table gradient of a
 corner is first summed over each run of consecutive points that share it (a segmented scan,
 `_runs_add`, for the RUN_LEVELS coarsest levels): one atomic add per run instead of per point.
+An optional row mask leaves points out: they load, gather and add nothing, and their output and point-gradient
+rows are zero (the padding rows of a fixed-size batch, `hash_grid_encode`'s row_mask).
 
 Two launch layouts compute the same values. Each pass takes the layout its encoding names
 (`HashGridEncoding(triton_layout=...)`, model.material.encoding.triton_layout) or else LAUNCH_LAYOUT's
