@@ -156,6 +156,7 @@ class BakeConfig:
     max_faces: int = 100000               # quadric decimation before UV unwrapping (0 keeps all)
     unwrap_chunk_faces: int = 1500        # xatlas charts pieces of this many faces in parallel (0: the whole mesh)
     unwrap_chart_iterations: int = 0      # xatlas's chart re-seeding rounds (ChartOptions.max_iterations; 1: xatlas's default)
+    unwrap_pack_resolution: int = 1024    # xatlas packs the charts on this grid when smaller than texture_res (0: texture_res)
     cull_invisible: bool = True           # drop faces no training view sees (interior DMTet surfaces)
 
 

@@ -349,7 +349,8 @@ class ReconSystem(L.LightningModule):
         res = int(self.bake_cfg.get("texture_res", 2048))
         atlas: dict = {}
         mesh = unwrap(mesh, resolution=res, chunk_faces=int(self.bake_cfg.get("unwrap_chunk_faces", 1500)),
-                      chart_iterations=int(self.bake_cfg.get("unwrap_chart_iterations", 0)), stats=atlas)
+                      chart_iterations=int(self.bake_cfg.get("unwrap_chart_iterations", 0)), stats=atlas,
+                      pack_resolution=int(self.bake_cfg.get("unwrap_pack_resolution", 1024)))
         t_unwrap = time.perf_counter()
         mesh = mesh.with_tangents()
         t3 = time.perf_counter()

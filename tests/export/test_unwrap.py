@@ -35,9 +35,9 @@ def _area(v, faces):
     return 0.5 * torch.linalg.cross(b - a, c - a).norm(dim=-1)
 
 
-@pytest.mark.parametrize("chunk_faces, iterations", [(0, 1), (800, 1), (800, 0)])
-def test_unwrap_gives_a_valid_atlas(bumpy, chunk_faces, iterations):
-    mesh = unwrap(bumpy, resolution=512, chunk_faces=chunk_faces, chart_iterations=iterations)
+@pytest.mark.parametrize("chunk_faces, iterations, pack", [(0, 1, 0), (800, 1, 0), (800, 0, 0), (800, 0, 256)])
+def test_unwrap_gives_a_valid_atlas(bumpy, chunk_faces, iterations, pack):
+    mesh = unwrap(bumpy, resolution=512, chunk_faces=chunk_faces, chart_iterations=iterations, pack_resolution=pack)
     assert mesh.uv_faces.shape == bumpy.faces.shape and torch.equal(mesh.faces, bumpy.faces)
     assert mesh.uv.min() >= 0 and mesh.uv.max() <= 1
     uv_area = _uv_area(mesh.uv, mesh.uv_faces)
@@ -72,6 +72,19 @@ def test_pieces_keep_most_of_the_atlas_space(bumpy):
 def test_negative_chart_iterations_are_refused(bumpy):
     with pytest.raises(ValueError, match="unwrap_chart_iterations"):
         unwrap(bumpy, chart_iterations=-1)
+    with pytest.raises(ValueError, match="unwrap_pack_resolution"):
+        unwrap(bumpy, pack_resolution=-1)
+
+
+def test_packing_on_a_coarser_grid_keeps_the_layout_dense(bumpy):
+    """Packed for half the texture's side (padding halved), the same charts fill as much of the atlas (that they do
+    not overlap at the texture's resolution is checked in the valid-atlas test, pack=256)."""
+    full, coarse = ({}, {})
+    a = unwrap(bumpy, resolution=512, chunk_faces=800, stats=full)
+    b = unwrap(bumpy, resolution=512, chunk_faces=800, stats=coarse, pack_resolution=256)
+    assert coarse["charts"] == full["charts"]  # the same charts, only packed differently
+    assert not torch.equal(a.uv, b.uv)
+    assert coarse["atlas_used"] > 0.9 * full["atlas_used"]
 
 
 def test_surface_components_count_pieces_and_fragments():
