@@ -84,9 +84,9 @@ def unwrap(mesh: Mesh, padding: int = 2, resolution: int = 1024, chunk_faces: in
     same test PSNR and chamfer.
     pack_resolution: the grid xatlas packs the charts on, when smaller than ``resolution`` (0: ``resolution``), with
     the padding scaled to match (at least 1). Packing runs on one thread and its cost grows with the grid, while the
-    layout is resampled to the texture anyway: on a fitted 100k-face surface (17,144 charts, two CPU cores) packing
-    for 1024 instead of 2048 took 1.78 s against 2.22 s, used 0.82 of the atlas against 0.79, and left 1.30 texels
-    of a 2048 texture between charts against 1.39 (xatlas's atlas outgrows the requested size, 1570 and 2943 texels).
+    layout is resampled to the texture anyway: on a fitted 100k-face surface (17,144 charts, two CPU cores), packed
+    for 1024 instead of 2048, xatlas took 1.78 s against 2.22 s, used 0.82 of the atlas against 0.79, and left 1.30
+    texels of a 2048 texture between charts against 1.39 (its atlas outgrows the requested size: 1570 and 2943).
     stats: a dict that receives ``charts`` (xatlas's chart count), ``atlas_used`` (the share of the atlas the charts
     cover, xatlas's utilization), ``generate_seconds`` (xatlas's charting and packing alone), ``components`` and
     ``small_component_faces`` (`surface_components`).

@@ -69,7 +69,7 @@ def test_pieces_keep_most_of_the_atlas_space(bumpy):
     assert used[1] > 0.8 * used[0]  # packing efficiency within 20 % of the whole-mesh unwrap
 
 
-def test_negative_chart_iterations_are_refused(bumpy):
+def test_negative_unwrap_settings_are_refused(bumpy):
     with pytest.raises(ValueError, match="unwrap_chart_iterations"):
         unwrap(bumpy, chart_iterations=-1)
     with pytest.raises(ValueError, match="unwrap_pack_resolution"):
@@ -79,7 +79,7 @@ def test_negative_chart_iterations_are_refused(bumpy):
 def test_packing_on_a_coarser_grid_keeps_the_layout_dense(bumpy):
     """Packed for half the texture's side (padding halved), the same charts fill as much of the atlas (that they do
     not overlap at the texture's resolution is checked in the valid-atlas test, pack=256)."""
-    full, coarse = ({}, {})
+    full, coarse = {}, {}
     a = unwrap(bumpy, resolution=512, chunk_faces=800, stats=full)
     b = unwrap(bumpy, resolution=512, chunk_faces=800, stats=coarse, pack_resolution=256)
     assert coarse["charts"] == full["charts"]  # the same charts, only packed differently
