@@ -89,7 +89,7 @@ class _RowCapacity:
         self._count_ready: torch.cuda.Event | None = None
 
     def __deepcopy__(self, memo) -> _RowCapacity:
-        return type(self)(self.eager_steps, self.margin, self.granularity)
+        return type(self)(**self.__getstate__())  # the settings, not the measurements or the graphs
 
     def __getstate__(self) -> dict:
         return {"eager_steps": self.eager_steps, "margin": self.margin, "granularity": self.granularity}
@@ -220,9 +220,6 @@ class GraphedNeuralPBR(_RowCapacity):
                  skip_padding: bool = True):
         super().__init__(eager_steps, margin, granularity)
         self.skip_padding = bool(skip_padding)  # the hash grid leaves the padding rows out (its row_mask)
-
-    def __deepcopy__(self, memo) -> GraphedNeuralPBR:
-        return GraphedNeuralPBR(self.eager_steps, self.margin, self.granularity, self.skip_padding)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "skip_padding": self.skip_padding}
