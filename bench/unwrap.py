@@ -1,9 +1,10 @@
-"""The pass switch's host work on this machine: `python bench/unwrap.py [--grid 128] [--out FILE]`.
+"""The pass switch's host work on this machine: `python bench/unwrap.py [--grid 128 | --mesh OBJ] [--out FILE]`.
 
 Builds a DMTet surface like the one pass 1 ends with (the built-in scene's SDF on a tet grid, the grid's vertices
-offset at random as training leaves them), decimates it to ``--faces`` triangles (`recon.export.uv_bake.simplify`)
-and UV-unwraps it with xatlas (`unwrap`) for each (piece size, chart rounds) in ``--settings``, timing each step
-and reporting the charts and the share of the atlas they use. Also reports the CPUs this process may use and how
+offset at random as training leaves them), or loads a fitted one (``--mesh``: an exported ``mesh.obj``, its UV seams
+welded back into one surface), decimates it to ``--faces`` triangles (`recon.export.uv_bake.simplify`) and UV-unwraps
+it with xatlas (`unwrap`) for each (piece size, chart rounds, packing grid) in ``--settings``, timing each step and
+reporting the charts and the share of the atlas they use. Also reports the CPUs this process may use and how
 many the machine reports (``os.cpu_count``): xatlas charts the pieces on worker threads, so the unwrap should
 shrink with cores. Runs on the CPU; no GPU needed.
 """
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_SETTINGS = ("3000:1", "1500:0", "750:0")
+DEFAULT_SETTINGS = ("3000:1", "1500:0", "750:0", "1500:0:1024")
 
 
 def surface(grid: int, seed: int = 0):
@@ -37,38 +38,57 @@ def surface(grid: int, seed: int = 0):
         return geometry.extract_mesh()
 
 
-def parse_setting(text: str) -> tuple[int, int]:
-    """``PIECE:ROUNDS`` -> (unwrap_chunk_faces, unwrap_chart_iterations)."""
+def fitted_surface(path: Path):
+    """The surface of an exported OBJ, its vertices split at UV seams merged again (positions equal to 1e-6)."""
+    import trimesh
+
+    from recon.geometry.mesh import Mesh
+
+    tm = trimesh.load(path, force="mesh", process=False)
+    verts, faces = np.asarray(tm.vertices, dtype=np.float32), np.asarray(tm.faces, dtype=np.int64)
+    if len(faces) == 0:
+        raise ValueError(f"{path}: no faces to unwrap; give an exported mesh.obj.")
+    welded, inverse = np.unique(np.round(verts, 6), axis=0, return_inverse=True)
+    return Mesh(verts=torch.from_numpy(welded.astype(np.float32)), faces=torch.from_numpy(inverse.reshape(-1)[faces]))
+
+
+def parse_setting(text: str) -> tuple[int, int, int]:
+    """``PIECE:ROUNDS[:PACK]`` -> (unwrap_chunk_faces, unwrap_chart_iterations, unwrap_pack_resolution; 0 when not
+    given: the atlas size)."""
     try:
-        piece, rounds = (int(v) for v in text.split(":"))
+        values = [int(v) for v in text.split(":")]
+        if len(values) not in (2, 3):
+            raise ValueError
     except ValueError:
-        raise ValueError(f"a setting is PIECE_FACES:CHART_ROUNDS, e.g. 1500:0; got {text!r}") from None
-    return piece, rounds
+        raise ValueError(f"a setting is PIECE_FACES:CHART_ROUNDS[:PACK_GRID], e.g. 1500:0 or 1500:0:1024; "
+                         f"got {text!r}") from None
+    return values[0], values[1], values[2] if len(values) == 3 else 0
 
 
-def run(grid: int, faces: int, resolution: int, settings: list[tuple[int, int]]) -> dict:
+def run(grid: int, faces: int, resolution: int, settings: list[tuple[int, int, int]], mesh_path: Path | None = None) -> dict:
     import xatlas
 
     from recon.export.uv_bake import simplify, unwrap
 
     t = time.perf_counter()
-    full = surface(grid)
+    full = surface(grid) if mesh_path is None else fitted_surface(mesh_path)
     extract = time.perf_counter() - t
     t = time.perf_counter()
     mesh = simplify(full, faces)
     decimate = time.perf_counter() - t
     rows = []
-    for piece, rounds in settings:
+    for piece, rounds, pack in settings:
         t = time.perf_counter()
-        out = unwrap(mesh, resolution=resolution, chunk_faces=piece, chart_iterations=rounds)
+        out = unwrap(mesh, resolution=resolution, chunk_faces=piece, chart_iterations=rounds, pack_resolution=pack)
         seconds = time.perf_counter() - t
         charts, used = atlas_stats(out, resolution)
-        rows.append({"piece_faces": piece, "chart_rounds": rounds, "unwrap_seconds": seconds, "charts": charts,
-                     "atlas_used": used})
-        print(f"pieces of {piece:5} faces, {rounds} rounds: unwrap {seconds:6.2f} s, {charts} charts, "
-              f"{used:.3f} of the atlas", flush=True)
+        rows.append({"piece_faces": piece, "chart_rounds": rounds, "pack_resolution": pack or resolution,
+                     "unwrap_seconds": seconds, "charts": charts, "atlas_used": used})
+        print(f"pieces of {piece:5} faces, {rounds} rounds, packed for {pack or resolution}: unwrap {seconds:6.2f} s, "
+              f"{charts} charts, {used:.3f} of the atlas", flush=True)
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"grid": grid, "extracted_faces": int(full.faces.shape[0]), "faces": int(mesh.faces.shape[0]),
+    return {"grid": None if mesh_path is not None else grid, "mesh": None if mesh_path is None else str(mesh_path),
+            "extracted_faces": int(full.faces.shape[0]), "faces": int(mesh.faces.shape[0]),
             "resolution": resolution, "extract_seconds": extract, "simplify_seconds": decimate,
             "cpus_usable": affinity, "cpus_reported": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "xatlas": getattr(xatlas, "__version__", None), "rows": rows}
@@ -94,17 +114,21 @@ def atlas_stats(mesh, resolution: int) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=int, default=128, help="tet grid (nerf800: 128)")
+    ap.add_argument("--mesh", type=Path, default=None,
+                    help="unwrap this exported mesh.obj (a fitted surface) instead of the synthetic one")
     ap.add_argument("--faces", type=int, default=100_000, help="decimation target (model.bake.max_faces)")
     ap.add_argument("--resolution", type=int, default=2048, help="atlas size (model.bake.texture_res)")
-    ap.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), metavar="PIECE:ROUNDS",
-                    help="model.bake.unwrap_chunk_faces:unwrap_chart_iterations pairs")
+    ap.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), metavar="PIECE:ROUNDS[:PACK]",
+                    help="model.bake.unwrap_chunk_faces:unwrap_chart_iterations[:unwrap_pack_resolution]")
     ap.add_argument("--out", type=Path, default=None, help="also write the result here as JSON")
     args = ap.parse_args(argv)
     try:
         settings = [parse_setting(s) for s in args.settings]
     except ValueError as e:
         ap.error(str(e))
-    result = run(args.grid, args.faces, args.resolution, settings)
+    if args.mesh is not None and not args.mesh.is_file():
+        ap.error(f"--mesh {args.mesh}: no such file; give the mesh.obj of a run directory")
+    result = run(args.grid, args.faces, args.resolution, settings, args.mesh)
     print(f"surface: {result['extracted_faces']} faces, decimated to {result['faces']} in "
           f"{result['simplify_seconds']:.2f} s; CPUs usable {result['cpus_usable']}, reported {result['cpus_reported']}")
     if args.out is not None:

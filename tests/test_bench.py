@@ -5,6 +5,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -316,3 +317,27 @@ def test_unwrap_bench_times_each_setting(tmp_path):
     assert json.loads((tmp_path / "unwrap.json").read_text())["rows"] == result["rows"]
     with pytest.raises(ValueError, match="PIECE_FACES:CHART_ROUNDS"):
         bench_unwrap.parse_setting("1500")
+    assert bench_unwrap.parse_setting("1500:0:1024") == (1500, 0, 1024)
+
+
+def test_unwrap_bench_takes_an_exported_mesh(tmp_path):
+    """--mesh: an OBJ whose vertices are split at every face (as UV seams split an export) is welded back into one
+    surface, then unwrapped per setting, here packed on the atlas's grid and on one of half its size."""
+    import trimesh
+
+    spec = importlib.util.spec_from_file_location("bench_unwrap", ROOT / "bench" / "unwrap.py")
+    bench_unwrap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_unwrap)
+    sphere = trimesh.creation.icosphere(subdivisions=3)  # 642 vertices, 1280 faces
+    split = trimesh.Trimesh(sphere.vertices[sphere.faces].reshape(-1, 3), np.arange(3 * len(sphere.faces)).reshape(-1, 3),
+                            process=False)
+    split.export(tmp_path / "mesh.obj")
+    welded = bench_unwrap.fitted_surface(tmp_path / "mesh.obj")
+    assert welded.verts.shape[0] == len(sphere.vertices) and welded.faces.shape[0] == len(sphere.faces)
+    result = bench_unwrap.main(["--mesh", str(tmp_path / "mesh.obj"), "--faces", "5000", "--resolution", "256",
+                                "--settings", "400:0", "400:0:128"])
+    assert result["mesh"].endswith("mesh.obj") and result["grid"] is None and result["faces"] == len(sphere.faces)
+    assert [r["pack_resolution"] for r in result["rows"]] == [256, 128]
+    assert all(0.2 < r["atlas_used"] <= 1.0 and r["charts"] >= 1 for r in result["rows"])
+    with pytest.raises(SystemExit):
+        bench_unwrap.main(["--mesh", str(tmp_path / "missing.obj")])
