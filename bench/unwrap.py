@@ -39,17 +39,18 @@ def surface(grid: int, seed: int = 0):
 
 
 def fitted_surface(path: Path):
-    """The surface of an exported OBJ, its vertices split at UV seams merged again (positions equal to 1e-6)."""
+    """The surface of an exported OBJ, its vertices split at UV seams merged again (equal positions, as
+    `recon.eval.evaluate.load_export` welds them)."""
     import trimesh
 
     from recon.geometry.mesh import Mesh
 
     tm = trimesh.load(path, force="mesh", process=False)
-    verts, faces = np.asarray(tm.vertices, dtype=np.float32), np.asarray(tm.faces, dtype=np.int64)
-    if len(faces) == 0:
+    verts, faces = torch.as_tensor(tm.vertices, dtype=torch.float32), torch.as_tensor(tm.faces, dtype=torch.int64)
+    if faces.shape[0] == 0:
         raise ValueError(f"{path}: no faces to unwrap; give an exported mesh.obj.")
-    welded, inverse = np.unique(np.round(verts, 6), axis=0, return_inverse=True)
-    return Mesh(verts=torch.from_numpy(welded.astype(np.float32)), faces=torch.from_numpy(inverse.reshape(-1)[faces]))
+    welded, inverse = torch.unique(verts, dim=0, return_inverse=True)
+    return Mesh(verts=welded, faces=inverse[faces])
 
 
 def parse_setting(text: str) -> tuple[int, int, int]:
